@@ -1,0 +1,217 @@
+"""Validated run configs: YAML files under ``configs/<plugin>/`` checked by pydantic models.
+
+A run config names the plugin and task that runs it; the task's registered config model (a
+:class:`RunConfig` subclass, ``extra="forbid"``) validates the whole file::
+
+    plugin: core
+    task: pretrain
+    run_dir: runs/core-pretrain
+    trainer:
+      max_steps: 200
+      lr: 0.001
+
+Overrides on the command line use dotted keys (``trainer.lr=3e-4``); values are parsed as YAML.
+Every problem is reported as one line naming the file, the dotted key, and what was expected (with
+the closest valid key for a typo). The fully resolved config is written to
+``<run_dir>/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "ConfigError",
+    "StrictModel",
+    "RunConfig",
+    "TrainerConfig",
+    "ExistingPath",
+    "load_config",
+    "read_yaml",
+    "apply_overrides",
+    "validate_config",
+    "save_resolved",
+]
+
+
+class ConfigError(ValueError):
+    """A config could not be read or validated; ``lines`` holds one message per problem."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+class StrictModel(BaseModel):
+    """Base for every accord config model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _must_exist(path: Path) -> Path:
+    if not Path(os.path.expanduser(path)).exists():
+        raise ValueError(f"path does not exist: {path}")
+    return Path(os.path.expanduser(path))
+
+
+#: A path that must exist when the config is validated (data roots, checkpoints).
+ExistingPath = Annotated[Path, AfterValidator(_must_exist)]
+
+
+class TrainerConfig(StrictModel):
+    """Options of :class:`accord.training.Trainer`, shared by every plugin's training tasks."""
+
+    max_steps: int = Field(100, ge=1, description="optimizer steps to run")
+    batch_size: int = Field(32, ge=1, description="global batch size (split across ranks)")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(0.0, ge=0, description="final lr of the cosine schedule")
+    weight_decay: float = Field(0.0, ge=0)
+    sgd_momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip_norm: float | None = Field(None, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    ema_momentum: float | None = Field(
+        None, ge=0, le=1, description="start momentum of the EMA teacher (None: no teacher update)"
+    )
+    ema_momentum_end: float = Field(1.0, ge=0, le=1, description="momentum at the last step (cosine)")
+    checkpoint_every: int = Field(50, ge=1)
+    keep_last: int = Field(3, ge=1)
+    resume: Literal["auto", "never"] | Path = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    num_workers: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=1)
+    tensorboard: bool = False
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class RunConfig(StrictModel):
+    """Fields every run config has; tasks subclass it and add their own sections."""
+
+    plugin: str
+    task: str
+    run_dir: Path = Path("runs/default")
+    seed: int = 0
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with one-line errors for a missing file or bad YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: config file not found"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}".replace("\n", " ")]) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a mapping at the top level, got {type(data).__name__}"])
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "<cli>") -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError([f"{source}: override {item!r} must look like key.sub=value"])
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError([f"{source}: override {key!r}: {part!r} is not a section"])
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return data
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The nested model class that owns the key at ``loc`` (for typo suggestions)."""
+    current: Any = model
+    for part in loc[:-1]:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            return None
+        annotation = fields[part].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if current is None:
+            return None
+    return current
+
+
+def _format_errors(exc: ValidationError, model: type[BaseModel], source: str) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(model, loc)
+            valid = list(owner.model_fields) if owner is not None else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)" if close else ""
+            lines.append(f"{source}: unknown key {key!r}{hint}; valid keys here: {', '.join(valid)}")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: missing required key {key!r}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {key}: {msg} (got {err.get('input')!r})")
+    return lines
+
+
+def validate_config(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+    """Validate ``data`` against ``model``; raise :class:`ConfigError` with one line per problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, model, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config against its task's registered model.
+
+    Args:
+        path: the YAML file.
+        overrides: dotted ``key=value`` strings.
+
+    Returns:
+        An instance of the task's config model.
+
+    Raises:
+        ConfigError: unreadable file, unknown plugin/task, or validation problems.
+    """
+    from accord.plugins import get_host
+    from accord.registry import ComponentNotFoundError, PluginNotInstalledError
+
+    data = apply_overrides(read_yaml(path), overrides or [], source=str(path))
+    missing = [k for k in ("plugin", "task") if not data.get(k)]
+    if missing:
+        raise ConfigError([f"{path}: missing required key {k!r}" for k in missing])
+    host = get_host()
+    try:
+        host.require_plugin(str(data["plugin"]))
+        task = host.tasks.get(f"{data['plugin']}.{data['task']}")
+    except (PluginNotInstalledError, ComponentNotFoundError) as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
+    return validate_config(task.extra["config"], data, str(path))
+
+
+def save_resolved(config: BaseModel, run_dir: Path) -> Path:
+    """Write the fully resolved config to ``run_dir/config.yaml`` and return its path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.yaml"
+    out.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return out
