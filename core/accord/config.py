@@ -31,6 +31,7 @@ __all__ = [
     "StrictModel",
     "RunConfig",
     "TrainerConfig",
+    "BenchmarkConfig",
     "ExistingPath",
     "load_config",
     "read_yaml",
@@ -92,6 +93,9 @@ class TrainerConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     tensorboard: bool = False
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda:LOCAL_RANK when CUDA is available, else cpu"
+    )
 
 
 class RunConfig(StrictModel):
@@ -101,6 +105,14 @@ class RunConfig(StrictModel):
     task: str
     run_dir: Path = Path("runs/default")
     seed: int = 0
+
+
+class BenchmarkConfig(RunConfig):
+    """Base of every plugin's ``benchmark`` task config (``accord benchmark PLUGIN``)."""
+
+    task: str = "benchmark"
+    data: ExistingPath | None = Field(None, description="dataset root; None: generate sample data")
+    quick: bool = Field(False, description="a few-minute version for demos and CI")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
