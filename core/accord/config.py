@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "ConfigError",
@@ -93,6 +93,17 @@ class TrainerConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     tensorboard: bool = False
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+    @model_validator(mode="after")
+    def _schedule_is_consistent(self) -> "TrainerConfig":
+        if self.schedule == "cosine" and self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be smaller than max_steps ({self.max_steps}) "
+                "for the cosine schedule"
+            )
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda:LOCAL_RANK when CUDA is available, else cpu"
     )
@@ -184,10 +195,25 @@ def _format_errors(exc: ValidationError, model: type[BaseModel], source: str) ->
     return lines
 
 
+def _with_section_defaults(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """Overlay ``data`` on the values a task's defaults set in its sections.
+
+    A task may default a section to e.g. ``TrainerConfig(max_steps=200)``; a file that sets only
+    ``trainer.lr`` must keep ``max_steps=200``, not fall back to the class default.
+    """
+    merged = dict(data)
+    for name, field in model.model_fields.items():
+        default, given = field.default, data.get(name)
+        if isinstance(default, BaseModel) and isinstance(given, dict):
+            base = default.model_dump(exclude_unset=True)
+            merged[name] = _with_section_defaults(type(default), {**base, **given})
+    return merged
+
+
 def validate_config(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
     """Validate ``data`` against ``model``; raise :class:`ConfigError` with one line per problem."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(_with_section_defaults(model, data))
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, model, source)) from None
 

@@ -192,12 +192,7 @@ def build_optimizer(model: nn.Module, config: TrainerConfig) -> torch.optim.Opti
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` that follows :func:`learning_rate_at`."""
-    if config.schedule == "cosine" and config.warmup_steps >= config.max_steps:
-        raise ValueError(
-            f"trainer.warmup_steps {config.warmup_steps} must be smaller than trainer.max_steps "
-            f"{config.max_steps} for the cosine schedule"
-        )
+    """A ``LambdaLR`` that follows :func:`learning_rate_at` (``TrainerConfig`` validated its ranges)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_at(step, config) / config.lr)
 
 

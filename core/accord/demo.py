@@ -1,0 +1,40 @@
+"""``accord demo``: every selected plugin's quick benchmark, gathered into one summary page."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+__all__ = ["run_demo"]
+
+
+def run_demo(plugins: list[str], out: Path) -> Path:
+    """Run ``accord benchmark PLUGIN --quick`` for each plugin and write ``out/summary.md``.
+
+    Args:
+        plugins: plugin names, each with a ``benchmark`` task.
+        out: output directory; each plugin writes to ``out/<plugin>/``.
+
+    Returns:
+        The path of the summary page (tables and links to each plugin's plots).
+    """
+    from accord.cli import run_benchmark
+
+    console = Console()
+    out.mkdir(parents=True, exist_ok=True)
+    sections = ["# accord demo", "", f"Plugins: {', '.join(plugins)}", ""]
+    for plugin in plugins:
+        console.rule(f"[bold]{plugin}: quick benchmark")
+        start = time.perf_counter()
+        result = run_benchmark(plugin, data=None, quick=True, out=out / plugin, options=[])
+        minutes = (time.perf_counter() - start) / 60
+        sections += [f"## {plugin}", "", f"Ran `accord benchmark {plugin} --quick` in {minutes:.1f} min.", ""]
+        sections += [result.get("markdown", "(no table)"), ""]
+        for plot in result.get("plots", []):
+            rel = Path(plot).resolve().relative_to(out.resolve())
+            sections += [f"![{plugin} {rel.stem}]({rel.as_posix()})", ""]
+    summary = out / "summary.md"
+    summary.write_text("\n".join(sections))
+    return summary
