@@ -1,0 +1,102 @@
+"""CT preprocessing (window, orientation, spacing, metadata) and the three cache modes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from accord_medssl.data import build_dataset, decathlon_items, nifti_folder_items, preprocessing
+
+
+def _write(path: Path, array: np.ndarray, affine: np.ndarray) -> str:
+    nib.save(nib.Nifti1Image(array, affine), path)
+    return str(path)
+
+
+def test_window_maps_minus_125_to_0_and_225_to_1_and_clips(tmp_path: Path) -> None:
+    hu = np.array([-1000, -125, 50, 225, 1000], dtype=np.int16).reshape(5, 1, 1) * np.ones((1, 2, 2), np.int16)
+    item = {"image": _write(tmp_path / "ct.nii.gz", hu, np.eye(4))}
+    image = preprocessing(with_label=False)(item)["image"]
+    assert image.shape == (1, 5, 2, 2) and image.dtype == torch.float32
+    assert torch.allclose(image[0, :, 0, 0], torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+
+
+def test_pipeline_reorients_to_ras_and_keeps_geometry_in_the_meta(msd_root: Path, phantom_spec) -> None:
+    item = decathlon_items(msd_root)[0]
+    out = preprocessing(hu_window=None)(item)
+    image, label = out["image"], out["label"]
+    assert nib.aff2axcodes(image.affine.numpy()) == ("R", "A", "S")
+    assert torch.equal(image.affine, label.affine)
+    assert torch.allclose(image.pixdim.float(), torch.tensor(phantom_spec.spacing))
+    assert image.meta["filename_or_obj"] == item["image"]
+    assert label.dtype == torch.uint8
+    # The voxels were moved, not just relabelled: nibabel's canonical reorientation agrees.
+    canonical = nib.as_closest_canonical(nib.load(item["image"]))
+    assert np.array_equal(image[0].numpy(), np.asanyarray(canonical.dataobj).astype(np.float32))
+    assert np.allclose(image.affine.numpy(), canonical.affine)
+
+
+def test_spacing_resamples_to_the_expected_grid(msd_root: Path, phantom_spec) -> None:
+    target = (3.0, 3.0, 4.0)
+    out = preprocessing(spacing=target)(decathlon_items(msd_root)[0])
+    expected = tuple(round(n * s / t) for n, s, t in zip(phantom_spec.shape, phantom_spec.spacing, target, strict=True))
+    assert out["image"].shape[1:] == out["label"].shape[1:] == expected
+    assert torch.allclose(out["image"].pixdim.float(), torch.tensor(target))
+    # Nearest-neighbour labels stay label ids.
+    assert set(out["label"].unique().tolist()) <= set(range(7))
+
+
+def test_disk_cache_second_pass_never_touches_the_nifti_files(msd_root: Path, tmp_path: Path) -> None:
+    data = shutil.copytree(msd_root, tmp_path / "data")
+    cache_dir = tmp_path / "cache"
+    items = decathlon_items(data)
+    cold = build_dataset(items, cache="disk", cache_dir=cache_dir)
+    first = [cold[index] for index in range(len(items))]
+    assert len(list(cache_dir.iterdir())) == len(items)
+    shutil.rmtree(data)  # any decode attempt would now raise
+    dataset = build_dataset(items, cache="disk", cache_dir=cache_dir)
+    for index, expected in enumerate(first):
+        cached = dataset[index]
+        assert torch.equal(cached["image"], expected["image"]) and torch.equal(cached["label"], expected["label"])
+        assert torch.equal(cached["image"].affine, expected["image"].affine)
+
+
+def test_disk_cache_keys_on_the_preprocessing_settings(msd_root: Path, tmp_path: Path) -> None:
+    items = decathlon_items(msd_root)[:1]
+    native = build_dataset(items, cache="disk", cache_dir=tmp_path)[0]
+    coarse = build_dataset(items, cache="disk", cache_dir=tmp_path, spacing=(3.0, 3.0, 4.0))[0]
+    assert len(list(tmp_path.iterdir())) == 2
+    assert coarse["image"].shape != native["image"].shape
+
+
+def test_memory_and_uncached_datasets_agree(msd_root: Path) -> None:
+    items = decathlon_items(msd_root)[:2]
+    memory = build_dataset(items, cache="memory")
+    plain = build_dataset(items, cache="none")
+    for index in range(len(items)):
+        assert torch.equal(memory[index]["image"], plain[index]["image"])
+
+
+def test_unlabeled_folder_items_and_augmentation(msd_root: Path) -> None:
+    from monai.transforms import RandSpatialCropd
+
+    items = nifti_folder_items(msd_root / "imagesTs")
+    dataset = build_dataset(items, cache="memory", augment=[RandSpatialCropd("image", roi_size=(16, 16, 16))])
+    sample = dataset[0]
+    assert set(sample) == {"image"} and sample["image"].shape == (1, 16, 16, 16)
+
+
+def test_build_dataset_rejects_bad_arguments(msd_root: Path) -> None:
+    labelled = decathlon_items(msd_root)[:1]
+    unlabelled = decathlon_items(msd_root, "test")
+    with pytest.raises(ValueError, match="mix labelled and unlabelled"):
+        build_dataset(labelled + unlabelled, cache="none")
+    with pytest.raises(ValueError, match="needs cache_dir"):
+        build_dataset(labelled, cache="disk")
+    with pytest.raises(ValueError, match="cache must be"):
+        build_dataset(labelled, cache="ram")
