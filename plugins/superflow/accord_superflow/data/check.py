@@ -1,0 +1,336 @@
+"""Validate a nuScenes dataset on disk without the devkit, reporting every problem at once.
+
+``NuScenes()`` stops at the first inconsistency, and many (missing sensor files, label counts,
+broken calibrations) only surface deep inside training. This checker reads the JSON tables
+directly and names the table record (``<version>/<table>.json[<token>]``) or file of each problem.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from accord.registry import Problem
+
+from accord_superflow.data.schema import LIDARSEG_CLASSES, POINT_DIMS, SPLITS_BY_VERSION, TABLES
+from accord_superflow.data.superpixels import META_FILE, SUPERPIXELS_DIR, load_superpixels, read_superpixel_meta
+
+__all__ = ["check_nuscenes", "require_valid"]
+
+# (table, field, referenced table, how): "one" must resolve, "link" may be '' (chain ends),
+# "many" is a list of tokens.
+_FOREIGN_KEYS = (
+    ("calibrated_sensor", "sensor_token", "sensor", "one"),
+    ("sample_data", "sample_token", "sample", "one"),
+    ("sample_data", "ego_pose_token", "ego_pose", "one"),
+    ("sample_data", "calibrated_sensor_token", "calibrated_sensor", "one"),
+    ("sample_data", "prev", "sample_data", "link"),
+    ("sample_data", "next", "sample_data", "link"),
+    ("sample", "scene_token", "scene", "one"),
+    ("sample", "prev", "sample", "link"),
+    ("sample", "next", "sample", "link"),
+    ("scene", "log_token", "log", "one"),
+    ("scene", "first_sample_token", "sample", "one"),
+    ("scene", "last_sample_token", "sample", "one"),
+    ("instance", "category_token", "category", "one"),
+    ("instance", "first_annotation_token", "sample_annotation", "one"),
+    ("instance", "last_annotation_token", "sample_annotation", "one"),
+    ("sample_annotation", "sample_token", "sample", "one"),
+    ("sample_annotation", "instance_token", "instance", "one"),
+    ("sample_annotation", "visibility_token", "visibility", "one"),
+    ("sample_annotation", "attribute_tokens", "attribute", "many"),
+    ("sample_annotation", "prev", "sample_annotation", "link"),
+    ("sample_annotation", "next", "sample_annotation", "link"),
+    ("map", "log_tokens", "log", "many"),
+    ("lidarseg", "sample_data_token", "sample_data", "one"),
+)
+_UNIT_TOLERANCE = 1e-3
+_POINT_BYTES = POINT_DIMS * 4
+
+
+def require_valid(root: str | Path) -> None:
+    """Raise if :func:`check_nuscenes` finds anything.
+
+    Raises:
+        ValueError: one line per problem.
+    """
+    problems = check_nuscenes(root)
+    if problems:
+        raise ValueError(f"{root}: nuScenes dataset check failed ({len(problems)} problems):\n"
+                         + "\n".join(map(str, problems)))
+
+
+def check_nuscenes(root: str | Path) -> list[Problem]:
+    """Check every table directory (``v1.0-*``) under ``root`` and its superpixel directories.
+
+    Reports: missing or unreadable tables; records without a token; tokens that do not resolve;
+    logs without a map; samples linked across scenes; missing sensor, map and lidarseg files;
+    LiDAR files that are empty or not rows of 5 float32; lidarseg label counts that differ from the
+    point count; lidarseg records not keyed by their LiDAR token; categories without a valid
+    lidarseg ``index``; rotations that are not unit quaternions; malformed camera intrinsics;
+    superpixel maps with a wrong size or ids out of range.
+
+    Returns:
+        One :class:`Problem` per issue; empty when the dataset is valid.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return [Problem(str(root), "dataset root is not a directory")]
+    versions = sorted(v for v in SPLITS_BY_VERSION if (root / v).is_dir())
+    if not versions:
+        return [Problem(str(root), f"no table directory; expected one of {', '.join(SPLITS_BY_VERSION)}")]
+    problems: list[Problem] = []
+    camera_sizes: dict[str, tuple[int, int]] = {}
+    for version in versions:
+        checker = _VersionChecker(root, version)
+        problems += checker.run()
+        camera_sizes.update(checker.camera_sizes)
+    problems += _check_superpixels(root, camera_sizes)
+    return problems
+
+
+class _VersionChecker:
+    """The checks of one ``<root>/<version>/`` table directory."""
+
+    def __init__(self, root: Path, version: str) -> None:
+        self.root = root
+        self.version = version
+        self.problems: list[Problem] = []
+        self.tables: dict[str, dict[str, dict]] = {}
+        self.camera_sizes: dict[str, tuple[int, int]] = {}
+
+    def report(self, where: str, message: str) -> None:
+        self.problems.append(Problem(where, message))
+
+    def record(self, table: str, token: str) -> str:
+        return f"{self.version}/{table}.json[{token}]"
+
+    def run(self) -> list[Problem]:
+        for table in TABLES:
+            self._load(table, required=True)
+        self._load("lidarseg", required=False)
+        self._check_references()
+        self._check_maps_and_logs()
+        self._check_scene_links()
+        self._check_rotations()
+        self._check_categories()
+        self._check_sample_data_files()
+        self._check_lidarseg()
+        return self.problems
+
+    def _load(self, table: str, required: bool) -> None:
+        path = self.root / self.version / f"{table}.json"
+        if not path.is_file():
+            if required:
+                self.report(str(path), "missing table; NuScenes() needs all 13 tables")
+            return
+        try:
+            records = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self.report(str(path), f"unreadable JSON ({exc})")
+            return
+        if not isinstance(records, list):
+            self.report(str(path), "expected a JSON list of records")
+            return
+        by_token = {}
+        for position, record in enumerate(records):
+            token = record.get("token") if isinstance(record, dict) else None
+            if not isinstance(token, str) or not token:
+                self.report(f"{self.version}/{table}.json[{position}]", "record without a string 'token'")
+                continue
+            by_token[token] = record
+        self.tables[table] = by_token
+
+    def _check_references(self) -> None:
+        for table, field, target, how in _FOREIGN_KEYS:
+            if table not in self.tables or target not in self.tables:
+                continue  # reported as a missing table already
+            targets = self.tables[target]
+            for token, record in self.tables[table].items():
+                if field not in record:
+                    self.report(self.record(table, token), f"missing field '{field}'")
+                    continue
+                value = record[field]
+                values = value if how == "many" and isinstance(value, list) else [value]
+                if how == "many" and not isinstance(value, list):
+                    self.report(self.record(table, token), f"'{field}' must be a list of {target} tokens")
+                    continue
+                for ref in values:
+                    if how == "link" and ref == "":
+                        continue
+                    if not isinstance(ref, str) or ref not in targets:
+                        self.report(self.record(table, token),
+                                    f"{field} {ref!r} does not resolve to a token of {target}.json")
+
+    def _check_maps_and_logs(self) -> None:
+        if "map" not in self.tables or "log" not in self.tables:
+            return
+        if not self.tables["map"]:
+            self.report(f"{self.version}/map.json", "empty; NuScenes() needs at least one map")
+        mapped = {log for m in self.tables["map"].values() if isinstance(m.get("log_tokens"), list)
+                  for log in m["log_tokens"]}
+        for token in self.tables["log"]:
+            if token not in mapped:
+                self.report(self.record("log", token), "log is in no map's log_tokens")
+        for token, record in self.tables["map"].items():
+            self._require_file(record.get("filename"), f"map {token}")
+
+    def _check_scene_links(self) -> None:
+        samples = self.tables.get("sample", {})
+        for token, record in samples.items():
+            for link in ("prev", "next"):
+                neighbour = samples.get(record.get(link, ""))
+                if neighbour is not None and neighbour.get("scene_token") != record.get("scene_token"):
+                    self.report(self.record("sample", token),
+                                f"{link} sample {record[link]} belongs to another scene")
+
+    def _check_rotations(self) -> None:
+        for table in ("calibrated_sensor", "ego_pose"):
+            for token, record in self.tables.get(table, {}).items():
+                where = self.record(table, token)
+                message = _quaternion_problem(record.get("rotation"))
+                if message:
+                    self.report(where, message)
+                if not _is_finite_vector(record.get("translation"), 3):
+                    self.report(where, f"translation {record.get('translation')!r} is not 3 finite numbers")
+        sensors = self.tables.get("sensor", {})
+        for token, record in self.tables.get("calibrated_sensor", {}).items():
+            if sensors.get(record.get("sensor_token"), {}).get("modality") == "camera":
+                message = _intrinsic_problem(record.get("camera_intrinsic"))
+                if message:
+                    self.report(self.record("calibrated_sensor", token), message)
+
+    def _check_categories(self) -> None:
+        if "lidarseg" not in self.tables:
+            return
+        for token, record in self.tables.get("category", {}).items():
+            name, index = record.get("name"), record.get("index")
+            if name not in LIDARSEG_CLASSES:
+                self.report(self.record("category", token), f"name {name!r} is not a lidarseg class")
+            elif index != LIDARSEG_CLASSES.index(name):
+                official = LIDARSEG_CLASSES.index(name)
+                self.report(self.record("category", token),
+                            f"lidarseg index {index!r} of {name!r}; the official index is {official}")
+
+    def _sensor_of(self, sample_data: dict) -> dict:
+        calibration = self.tables.get("calibrated_sensor", {}).get(sample_data.get("calibrated_sensor_token"), {})
+        return self.tables.get("sensor", {}).get(calibration.get("sensor_token"), {})
+
+    def _check_sample_data_files(self) -> None:
+        for token, record in self.tables.get("sample_data", {}).items():
+            if "is_key_frame" not in record:
+                self.report(self.record("sample_data", token), "missing field 'is_key_frame'")
+            path = self._require_file(record.get("filename"), f"sample_data {token}")
+            modality = self._sensor_of(record).get("modality")
+            if modality == "camera":
+                image_size = (record.get("width"), record.get("height"))
+                if all(isinstance(v, int) and v > 0 for v in image_size):
+                    self.camera_sizes[token] = image_size
+                else:
+                    self.report(self.record("sample_data", token),
+                                f"camera width/height {image_size} are not positive integers")
+            if modality != "lidar" or path is None:
+                continue
+            size = path.stat().st_size
+            if size == 0:
+                self.report(record["filename"], f"empty LiDAR scan (sample_data {token})")
+            elif size % _POINT_BYTES:
+                self.report(record["filename"], f"{size} bytes is not a whole number of {POINT_DIMS}-float32 points")
+
+    def _check_lidarseg(self) -> None:
+        if "lidarseg" not in self.tables:
+            return
+        sample_data = self.tables.get("sample_data", {})
+        label_dir = self.root / "lidarseg" / self.version
+        n_files = len(list(label_dir.glob("*.bin"))) + len(list(label_dir.glob("*.npz"))) if label_dir.is_dir() else 0
+        if n_files != len(self.tables["lidarseg"]):
+            self.report(str(label_dir), f"{n_files} label files for {len(self.tables['lidarseg'])} lidarseg records "
+                                        "(NuScenes() asserts they are equal)")
+        for token, record in self.tables["lidarseg"].items():
+            where = self.record("lidarseg", token)
+            lidar_token = record.get("sample_data_token")
+            if token != lidar_token:
+                self.report(where, f"token differs from sample_data_token {lidar_token!r}; the devkit looks "
+                                   "lidarseg up by the LiDAR sample_data token")
+            labels = self._require_file(record.get("filename"), f"lidarseg {token}")
+            lidar = sample_data.get(lidar_token)
+            if labels is None or lidar is None:
+                continue
+            points_file = self.root / str(lidar.get("filename", ""))
+            if not points_file.is_file() or points_file.stat().st_size % _POINT_BYTES:
+                continue  # reported with the sample_data
+            n_points = points_file.stat().st_size // _POINT_BYTES
+            n_labels = labels.stat().st_size
+            if n_labels != n_points:
+                self.report(record["filename"], f"{n_labels} labels for {n_points} points in {lidar['filename']}")
+
+    def _require_file(self, relative: Any, owner: str) -> Path | None:
+        """The existing file ``root/relative``, or ``None`` after reporting it."""
+        if not isinstance(relative, str) or not relative:
+            self.report(owner, "missing 'filename'")
+            return None
+        path = self.root / relative
+        if not path.is_file():
+            self.report(relative, f"missing file referenced by {owner}")
+            return None
+        return path
+
+
+def _is_finite_vector(value: Any, length: int) -> bool:
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return array.shape == (length,) and bool(np.isfinite(array).all())
+
+
+def _quaternion_problem(rotation: Any) -> str | None:
+    """Why ``rotation`` is not a unit ``(w, x, y, z)`` quaternion, or ``None``."""
+    if not _is_finite_vector(rotation, 4):
+        return f"rotation {rotation!r} is not a (w, x, y, z) quaternion of 4 finite numbers"
+    norm = float(np.linalg.norm(rotation))
+    if abs(norm - 1.0) > _UNIT_TOLERANCE:
+        return f"rotation quaternion has norm {norm:.6g}; a rotation needs a unit quaternion"
+    return None
+
+
+def _intrinsic_problem(intrinsic: Any) -> str | None:
+    """Why ``intrinsic`` is not a pinhole camera matrix, or ``None``."""
+    try:
+        matrix = np.asarray(intrinsic, dtype=np.float64)
+    except (TypeError, ValueError):
+        matrix = None
+    if matrix is None or matrix.shape != (3, 3) or not np.isfinite(matrix).all():
+        return f"camera_intrinsic {intrinsic!r} is not a finite 3x3 matrix"
+    if matrix[0, 0] <= 0 or matrix[1, 1] <= 0 or not np.allclose(matrix[2], [0.0, 0.0, 1.0]):
+        return "camera_intrinsic needs positive focal lengths and a last row of [0, 0, 1]"
+    return None
+
+
+def _check_superpixels(root: Path, camera_sizes: dict[str, tuple[int, int]]) -> list[Problem]:
+    """Every ``<root>/superpixels/<kind>/<token>.png``: a camera token, its image's size, ids in range."""
+    problems: list[Problem] = []
+    base = root / SUPERPIXELS_DIR
+    for directory in sorted(d for d in base.iterdir() if d.is_dir()) if base.is_dir() else ():
+        try:
+            num_ids = read_superpixel_meta(directory)["num_ids"]
+        except ValueError as exc:
+            problems.append(_problem_from(exc, directory / META_FILE))
+            continue
+        for path in sorted(directory.glob("*.png")):
+            size = camera_sizes.get(path.stem)
+            if size is None:
+                problems.append(Problem(str(path), "not named after a camera sample_data token"))
+                continue
+            try:
+                load_superpixels(path, num_ids, expected_size=size)
+            except ValueError as exc:
+                problems.append(_problem_from(exc, path))
+    return problems
+
+
+def _problem_from(exc: ValueError, path: Path) -> Problem:
+    """A :class:`Problem` from a reader's ``"<path>: <message>"`` error."""
+    return Problem(str(path), str(exc).removeprefix(f"{path}: "))
