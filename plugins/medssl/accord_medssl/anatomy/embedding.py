@@ -1,0 +1,172 @@
+"""Anatomical embeddings of a whole volume (SAM-style global + local maps) and their file loader.
+
+An :class:`AnatomyEmbedding` holds two voxel-embedding maps of one volume: a coarse ``global``
+map (anatomical context; SAM's "coarse" read-out) and a fine ``local`` map (SAM's stride-2
+"fine" map). Each has its own integer stride and covers the volume with ``ceil(S / stride)``
+cells per axis (geometry in :mod:`accord_medssl.anatomy.grid`). They come either from
+:class:`~accord_medssl.anatomy.AnatomyEmbeddingModel` (:func:`model_embedder`) or from
+precomputed files (:func:`file_embedder`), e.g. exported from the original SAM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from accord.checks import check_tensor
+from accord_medssl.anatomy.grid import check_stride, embedding_grid_shape
+
+__all__ = [
+    "AnatomyEmbedding",
+    "Embedder",
+    "file_embedder",
+    "load_anatomy_embedding",
+    "load_embedding_volume",
+]
+
+
+@dataclass(frozen=True)
+class AnatomyEmbedding:
+    """Global and local embedding maps of one volume.
+
+    Attributes:
+        global_map: ``(C_g, *ceil(volume_shape / global_stride))``.
+        local_map: ``(C_l, *ceil(volume_shape / local_stride))``.
+        global_stride: voxels per global cell along each axis.
+        local_stride: voxels per local cell along each axis.
+        volume_shape: the embedded volume's spatial shape ``(D, H, W)``.
+
+    Raises:
+        ValueError: a map that is not 4-D or whose grid does not match its stride and the volume.
+    """
+
+    global_map: torch.Tensor
+    local_map: torch.Tensor
+    global_stride: tuple[int, int, int]
+    local_stride: tuple[int, int, int]
+    volume_shape: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        for name in ("global", "local"):
+            embedding_map = getattr(self, f"{name}_map")
+            stride = check_stride(getattr(self, f"{name}_stride"), f"{name}_stride")
+            check_tensor(embedding_map, f"{name}_map", ndim=4, floating=True)
+            expected = embedding_grid_shape(self.volume_shape, stride)
+            if tuple(embedding_map.shape[1:]) != expected:
+                raise ValueError(
+                    f"{name}_map: grid {tuple(embedding_map.shape[1:])} does not match volume_shape "
+                    f"{tuple(self.volume_shape)} at stride {stride} (expected {expected})"
+                )
+
+
+#: Returns the embedding of a volume: ``embedder(key, volume)`` with the volume's cache key (e.g.
+#: its case name) and the volume ``(1, D, H, W)``; each uses what it needs.
+Embedder = Callable[[str, torch.Tensor], AnatomyEmbedding]
+
+
+def load_embedding_volume(
+    path: str | Path, channels: int | None = None, grid_shape: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Read one embedding map stored channel-first, ``(C, D, H, W)``, from ``.npy`` or NIfTI.
+
+    NIfTI files must hold the array in the same ``(C, D, H, W)`` order (channel first, not in the
+    4th "time" axis); their affine is ignored, the grid is defined by the volume and the stride.
+
+    Args:
+        path: a ``.npy``, ``.nii`` or ``.nii.gz`` file.
+        channels: the expected ``C``, if known.
+        grid_shape: the expected ``(D, H, W)``, if known.
+
+    Returns:
+        A float32 tensor ``(C, D, H, W)``.
+
+    Raises:
+        ValueError: an unknown suffix, or an array that is not 4-D or has another shape; the
+            message names the file.
+    """
+    file = Path(path)
+    name = file.name.lower()
+    if name.endswith(".npy"):
+        array = np.load(file)
+    elif name.endswith((".nii", ".nii.gz")):
+        import nibabel
+
+        array = np.asarray(nibabel.load(file).dataobj)
+    else:
+        raise ValueError(f"{file}: expected a .npy, .nii or .nii.gz embedding file")
+    if array.ndim != 4:
+        raise ValueError(f"{file}: expected a 4-D (C, D, H, W) embedding, got shape {array.shape}")
+    if channels is not None and array.shape[0] != channels:
+        raise ValueError(f"{file}: expected {channels} channels in dim 0 of (C, D, H, W), got shape {array.shape}")
+    if grid_shape is not None and tuple(array.shape[1:]) != tuple(grid_shape):
+        raise ValueError(f"{file}: expected the grid {tuple(grid_shape)} in (C, D, H, W), got shape {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def load_anatomy_embedding(
+    global_path: str | Path,
+    local_path: str | Path,
+    volume_shape: Sequence[int],
+    global_stride: int | Sequence[int],
+    local_stride: int | Sequence[int],
+) -> AnatomyEmbedding:
+    """Read a volume's global and local maps and check their grids against the volume.
+
+    Args:
+        global_path: the global map file, ``(C_g, *ceil(volume_shape / global_stride))``.
+        local_path: the local map file, ``(C_l, *ceil(volume_shape / local_stride))``.
+        volume_shape: spatial shape of the volume the maps describe.
+        global_stride: stride of the global map.
+        local_stride: stride of the local map.
+
+    Returns:
+        The embedding.
+
+    Raises:
+        ValueError: a file whose shape does not fit (the message names the file).
+    """
+    shape = tuple(volume_shape)
+    global_strides = check_stride(global_stride, "global_stride")
+    local_strides = check_stride(local_stride, "local_stride")
+    return AnatomyEmbedding(
+        global_map=load_embedding_volume(global_path, grid_shape=embedding_grid_shape(shape, global_strides)),
+        local_map=load_embedding_volume(local_path, grid_shape=embedding_grid_shape(shape, local_strides)),
+        global_stride=global_strides,
+        local_stride=local_strides,
+        volume_shape=shape,
+    )
+
+
+def file_embedder(
+    directory: str | Path,
+    global_stride: int | Sequence[int],
+    local_stride: int | Sequence[int],
+    suffix: str = ".npy",
+) -> Embedder:
+    """An :data:`Embedder` reading ``{directory}/{key}_global{suffix}`` and ``{key}_local{suffix}``.
+
+    Args:
+        directory: folder of the precomputed maps.
+        global_stride: stride of every global map.
+        local_stride: stride of every local map.
+        suffix: ``.npy``, ``.nii`` or ``.nii.gz``.
+
+    Returns:
+        ``embedder(key, volume)``; the volume only provides the shape to validate against.
+    """
+    root = Path(directory)
+
+    def embed(key: str, volume: torch.Tensor) -> AnatomyEmbedding:
+        return load_anatomy_embedding(
+            root / f"{key}_global{suffix}",
+            root / f"{key}_local{suffix}",
+            tuple(volume.shape[-3:]),
+            global_stride,
+            local_stride,
+        )
+
+    return embed
