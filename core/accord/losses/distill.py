@@ -37,12 +37,12 @@ class _CentredTeacherDistillation(nn.Module):
     def __init__(
         self,
         out_dim: int,
-        student_temperature: float,
-        teacher_temperature: float,
-        warmup_teacher_temperature: float | None,
-        teacher_temperature_warmup_steps: int,
-        center_momentum: float,
-        gather_distributed: bool,
+        student_temperature: float = 0.1,
+        teacher_temperature: float = 0.04,
+        warmup_teacher_temperature: float | None = None,
+        teacher_temperature_warmup_steps: int = 0,
+        center_momentum: float = 0.9,
+        gather_distributed: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(out_dim, bool) or not isinstance(out_dim, int) or out_dim <= 0:
@@ -172,26 +172,6 @@ class DINOLoss(_CentredTeacherDistillation):
         torch.Size([])
     """
 
-    def __init__(
-        self,
-        out_dim: int,
-        student_temperature: float = 0.1,
-        teacher_temperature: float = 0.04,
-        warmup_teacher_temperature: float | None = None,
-        teacher_temperature_warmup_steps: int = 0,
-        center_momentum: float = 0.9,
-        gather_distributed: bool = False,
-    ) -> None:
-        super().__init__(
-            out_dim,
-            student_temperature,
-            teacher_temperature,
-            warmup_teacher_temperature,
-            teacher_temperature_warmup_steps,
-            center_momentum,
-            gather_distributed,
-        )
-
     @float32_forward
     def forward(
         self,
@@ -270,26 +250,6 @@ class IBOTPatchLoss(_CentredTeacherDistillation):
         - ``mask``: bool ``(B, T)``, True where the student's token was masked.
         - Output: scalar.
     """
-
-    def __init__(
-        self,
-        out_dim: int,
-        student_temperature: float = 0.1,
-        teacher_temperature: float = 0.04,
-        warmup_teacher_temperature: float | None = None,
-        teacher_temperature_warmup_steps: int = 0,
-        center_momentum: float = 0.9,
-        gather_distributed: bool = False,
-    ) -> None:
-        super().__init__(
-            out_dim,
-            student_temperature,
-            teacher_temperature,
-            warmup_teacher_temperature,
-            teacher_temperature_warmup_steps,
-            center_momentum,
-            gather_distributed,
-        )
 
     @float32_forward
     def forward(
