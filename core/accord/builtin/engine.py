@@ -23,7 +23,10 @@ class EngineBenchmarkConfig(BenchmarkConfig):
 def run_engine_benchmark_task(cfg: EngineBenchmarkConfig) -> dict[str, Any]:
     from accord.benchmarks.engine import run_engine_benchmark
 
-    return run_engine_benchmark(cfg.sizes, dim=cfg.dim, out_dir=cfg.run_dir, quick=cfg.quick)
+    rows = run_engine_benchmark(cfg.sizes, dim=cfg.dim, out_dir=cfg.run_dir, quick=cfg.quick)
+    table = (cfg.run_dir / "benchmark.md").read_text()
+    markdown = f"**Engine: InfoNCE forward + backward, dense vs tiled (d={cfg.dim}, fp32, CPU)**\n\n{table}"
+    return {"markdown": markdown, "plots": [str(cfg.run_dir / "benchmark.png")], "rows": rows}
 
 
 @hookimpl
