@@ -282,12 +282,15 @@ def demo_command(
     from accord.demo import run_demo
 
     host = get_host()
-    # The engine micro-benchmark measures kernels, not a pipeline, so the demo leaves it out.
     requested = [p for p in (plugin or []) if p]
     for name in requested:
         _require_plugin(name)
-    selected = requested or [r["name"] for r in host.describe() if "benchmark" in r["tasks"] and r["name"] != "engine"]
-    summary = run_demo(selected, out)
+    # The core pipeline always runs (it shows the engine end to end in seconds); the engine
+    # micro-benchmark measures kernels, not a pipeline, so the demo leaves it out.
+    installed = [r["name"] for r in host.describe() if r["name"] != "engine"]
+    selected = list(dict.fromkeys(["core", *(requested or installed)]))
+    without = [p for p in selected if p not in [t.plugin for t in host.tasks if t.name == "benchmark"]]
+    summary = run_demo([p for p in selected if p not in without], out, without_pipeline=without)
     typer.echo(f"wrote {summary}")
 
 
