@@ -14,8 +14,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# mmdet3d needs mmcv with compiled ops, built against the installed torch (about 13 min on
+# 2 cores the first time; pip's wheel cache makes later installs take seconds). Only plugins
+# that need it (superflow) pay for it.
+MMCV_SPEC ?= mmcv==2.1.0
+NEEDS_MMCV := $(filter superflow,$(PLUGINS))
+
 $(VENV)/.installed: $(BIN)/python pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+ifneq ($(NEEDS_MMCV),)
+	$(BIN)/python -m pip install --quiet "setuptools>=77,<81" wheel "numpy<2"
+	MMCV_WITH_OPS=1 $(BIN)/python -m pip install --quiet --no-build-isolation "$(MMCV_SPEC)"
+endif
 	$(BIN)/python -m pip install --quiet -e ".[test]" $(foreach p,$(PLUGINS),-e plugins/$(p))
 	touch $@
 

@@ -145,8 +145,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def benchmark(cfg: ToyBenchmarkConfig) -> dict[str, Any]:
     """Pretrain once, then linear-probe pretrained vs random init per label fraction and seed."""
-    data = cfg.data or synth_shapes(cfg.run_dir / "data", per_class=48 if cfg.quick else 96)
-    steps = min(cfg.pretrain_steps, 300) if cfg.quick else cfg.pretrain_steps
+    data = cfg.data or synth_shapes(cfg.run_dir / "data", per_class=64 if cfg.quick else 96)
+    steps = min(cfg.pretrain_steps, 500) if cfg.quick else cfg.pretrain_steps
     seeds = cfg.seeds[:2] if cfg.quick else cfg.seeds
     trainer = TrainerConfig(max_steps=steps, batch_size=64, lr=2e-3, warmup_steps=10, checkpoint_every=steps, log_every=25)
     pre_cfg = PretrainConfig(plugin="core", task="pretrain", run_dir=cfg.run_dir / "pretrain", data=data, trainer=trainer, seed=cfg.seed)
