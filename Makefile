@@ -14,19 +14,26 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# mmdet3d needs mmcv with compiled ops, built against the installed torch (about 13 min on
-# 2 cores the first time; pip's wheel cache makes later installs take seconds). Only plugins
-# that need it (superflow) pay for it.
-MMCV_SPEC ?= mmcv==2.1.0
-NEEDS_MMCV := $(filter superflow,$(PLUGINS))
+# superflow needs mmdet3d, whose mmcv must be built with compiled ops against the installed torch
+# (about 13 min on 2 cores the first time; pip's wheel cache makes later installs take seconds).
+# mmcv/mmengine declare opencv-python, which pulls numpy 2 while nuscenes-devkit needs numpy < 2,
+# so the OpenMMLab packages go in without their dependencies and the ones used are added under
+# the pin (plugins/superflow/README.md). Only plugins that need them pay for them.
+OPENMMLAB := mmengine==0.10.7 mmdet==3.3.0 mmdet3d==1.4.0
+OPENMMLAB_DEPS := "numpy<2" addict yapf termcolor terminaltables six tqdm numba
+NEEDS_OPENMMLAB := $(filter superflow,$(PLUGINS))
+# Extras per plugin directory (the CPU build of spconv for superflow).
+EXTRAS_superflow := [spconv-cpu]
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-ifneq ($(NEEDS_MMCV),)
-	$(BIN)/python -m pip install --quiet "setuptools>=77,<81" wheel "numpy<2"
-	MMCV_WITH_OPS=1 $(BIN)/python -m pip install --quiet --no-build-isolation "$(MMCV_SPEC)"
+ifneq ($(NEEDS_OPENMMLAB),)
+	$(BIN)/python -m pip install --quiet "setuptools>=77,<81" wheel packaging "numpy<2"
+	MMCV_WITH_OPS=1 $(BIN)/python -m pip install --quiet --no-build-isolation --no-deps mmcv==2.1.0
+	$(BIN)/python -m pip install --quiet --no-deps $(OPENMMLAB)
+	$(BIN)/python -m pip install --quiet $(OPENMMLAB_DEPS)
 endif
-	$(BIN)/python -m pip install --quiet -e ".[test]" $(foreach p,$(PLUGINS),-e plugins/$(p))
+	$(BIN)/python -m pip install --quiet -e ".[test]" $(foreach p,$(PLUGINS),-e "plugins/$(p)$(EXTRAS_$(p))")
 	touch $@
 
 setup: $(VENV)/.installed

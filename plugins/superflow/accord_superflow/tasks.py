@@ -1,0 +1,99 @@
+"""Runnable tasks of the ``superflow`` plugin and their configs.
+
+Registered (``accord run CONFIG`` with ``plugin: superflow``):
+
+* ``pretrain``: SuperFlow pretraining of MinkUNet-34 on nuScenes (:func:`pretrain`).
+
+Downstream tasks (``finetune``, ``evaluate`` / linear probing, SuperFlow++ temporal voting and the
+``benchmark`` task) are not written yet. To add one, write ``run(config) -> dict`` with a
+:class:`accord.config.RunConfig` subclass (a ``trainer: TrainerConfig`` section for training,
+:class:`accord.config.BenchmarkConfig` for ``benchmark``) and append a :class:`TaskSpec` to
+:data:`TASKS`; ``plugin.register_tasks`` registers everything listed there. Pretrained weights
+are the ``backbone_3d.*`` entries of a pretraining checkpoint (``SFMinkUNetBackbone`` keys); the
+``mmdet3d`` exporter and ``configs/superflow/minkunet34_seg.py`` give the mmdet3d segmentor route.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from pydantic import model_validator
+
+from accord.config import RunConfig, TrainerConfig
+from accord_superflow.losses import SuperFlowLossConfig
+from accord_superflow.pretrain import PretrainDataConfig, SuperFlowModelConfig
+
+__all__ = ["PretrainConfig", "TaskSpec", "TASKS", "pretrain"]
+
+log = logging.getLogger(__name__)
+
+# SuperFlow: AdamW(lr 0.01, wd 0.01), batch 4 per GPU, OneCycle(pct_start 0.2, div 25, final_div 100).
+# accord's schedule is warm-up + cosine; 20 % warm-up and min_lr = lr / 2500 follow the OneCycle shape.
+_PRETRAIN_TRAINER = TrainerConfig(max_steps=1000, batch_size=4, lr=0.01, weight_decay=0.01, warmup_steps=200,
+                                  min_lr=4e-6, checkpoint_every=500)
+
+
+class PretrainConfig(RunConfig):
+    """``task: pretrain``: data, networks, loss terms and the trainer."""
+
+    data: PretrainDataConfig
+    model: SuperFlowModelConfig = SuperFlowModelConfig()
+    loss: SuperFlowLossConfig = SuperFlowLossConfig()
+    trainer: TrainerConfig = _PRETRAIN_TRAINER
+
+    @model_validator(mode="after")
+    def _temporal_term_needs_view_consistent_superpixels(self) -> PretrainConfig:
+        if self.data.superpixels == "slic" and self.loss.temporal_weight:
+            raise ValueError("loss.temporal_weight: SLIC ids are per image, so the same id means nothing across "
+                             "frames; set it to 0 or use data.superpixels: semantic")
+        return self
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Validate the dataset, build the model and run the Trainer.
+
+    Returns:
+        The Trainer's last metrics record (``loss``, ``spatial``, ``dense_to_sparse``,
+        ``temporal``, ...) and ``checkpoint``.
+
+    Raises:
+        ValueError: the dataset check fails (every problem listed), or the image size is not a
+            multiple of the teacher's patch size.
+    """
+    import torch
+
+    from accord.training import Trainer
+    from accord_superflow.data import generate_slic_superpixels, require_valid
+    from accord_superflow.pretrain import SuperFlowPretrainDataset, build_superflow, collate_pretrain
+
+    require_valid(cfg.data.root)
+    dataset = SuperFlowPretrainDataset(cfg.data)
+    if cfg.data.superpixels == "slic":
+        # Computed once up front, so DataLoader workers only read the cache.
+        generate_slic_superpixels(cfg.data.root, dataset.index)
+    torch.manual_seed(cfg.seed)
+    model = build_superflow(cfg.model, cfg.loss, dataset.groups_per_sample)
+    patch = model.teacher.patch_size
+    if any(side % patch for side in cfg.data.image_size):
+        raise ValueError(f"data.image_size {tuple(cfg.data.image_size)}: both sides must be multiples of the "
+                         f"teacher's patch size {patch}")
+    log.info("SuperFlow pretraining on %d keyframes of %s/%s", len(dataset), cfg.data.version, cfg.data.split)
+    return Trainer(cfg.trainer, cfg.run_dir).fit(model, dataset, collate_pretrain)
+
+
+class TaskSpec(NamedTuple):
+    """One task for ``register_tasks``: ``register(name, run, config=config, description=description)``."""
+
+    name: str
+    run: Callable[[Any], dict[str, Any]]
+    config: type[RunConfig]
+    description: str
+
+
+TASKS: list[TaskSpec] = [
+    TaskSpec("pretrain", pretrain, PretrainConfig,
+             "SuperFlow pretraining: MinkUNet-34 from frozen DINOv2 over superpixels (spatial, dense-to-sparse, "
+             "temporal contrast)"),
+]
