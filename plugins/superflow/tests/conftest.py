@@ -7,6 +7,7 @@ from pathlib import Path
 
 import matplotlib
 import pytest
+import torch
 
 from accord_superflow.data import synth_nuscenes
 
@@ -15,6 +16,15 @@ matplotlib.use("Agg")
 VERSION = "v1.0-mini"
 # Two mini_train scenes (so an index holds a scene border) and one mini_val scene.
 TINY_SCENES = ("scene-0061", "scene-0553", "scene-0103")
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """spconv's CPU loops slow down up to 30x with 2 OpenMP threads when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -15,13 +15,6 @@ TINY_BACKBONE = {"base_channels": 4, "encoder_channels": [4, 8, 8, 8], "encoder_
                  "decoder_channels": [8, 8, 4, 4], "decoder_blocks": [2, 2, 2, 2]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """spconv's CPU loops slow down up to 30x with 2 OpenMP threads when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,6 @@ from accord_superflow.models.backbone import SFMinkUNetBackbone, build_backbone
 TINY = BackboneConfig(base_channels=4, encoder_channels=[4, 8, 8, 8], decoder_channels=[8, 8, 4, 4])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """spconv's CPU loops slow down up to 30x with 2 OpenMP threads when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _voxels(seed: int = 0, clouds: int = 2):

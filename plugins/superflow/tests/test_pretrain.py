@@ -29,13 +29,6 @@ TINY_BACKBONE = {"base_channels": 8, "encoder_channels": [8, 8, 16, 16], "encode
 COARSE_VOXELS = [0.2, 2.0, 0.2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """spconv's CPU loops slow down up to 30x with 2 OpenMP threads when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _options(root: Path, cache: Path, **changes) -> PretrainDataConfig:

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import math
 
-import pytest
-import torch
 
 from accord_superflow.benchmarks import benchmark_pairing, benchmark_pretraining, benchmark_voxelization
 from accord_superflow.models import BackboneConfig, TeacherConfig
 from accord_superflow.pretrain import SuperFlowModelConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """spconv's CPU loops slow down up to 30x with 2 OpenMP threads when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_pretraining_benchmark_reports_speed_and_memory(_tiny_template):
