@@ -1,0 +1,443 @@
+"""3D segmentation fine-tuning and evaluation with MONAI's SwinUNETR (the ``finetune`` / ``evaluate`` tasks).
+
+Protocol:
+
+- the labelled cases of an MSD dataset are split once into train / validation / test by
+  :class:`SplitOptions` (its own seed, so every compared run sees the same cases); ``label_fraction``
+  keeps a random subset of the train cases (at least one), drawn with the run seed;
+- the network is ``monai.networks.nets.SwinUNETR``, either randomly initialised or with every
+  weight but the output layer taken from an Alice pretraining checkpoint
+  (:func:`~accord_medssl.export.alice_backbone`);
+- training: ``DiceCELoss`` on ``RandCropByPosNegLabeld`` crops (foreground-centred with probability
+  ``foreground_probability``), through the core :class:`~accord.training.Trainer`;
+- validation whenever the trainer checkpoints (``trainer.checkpoint_every`` and the last step):
+  ``sliding_window_inference`` over each whole validation case, per-class Dice with
+  ``DiceMetric`` (background excluded; a class absent from a case's ground truth does not count for
+  that case); the weights with the best mean Dice are kept as ``<run_dir>/best.safetensors``, a
+  MONAI weights file (:mod:`accord_medssl.export`) that also records the labels, crop size, split
+  and preprocessing, so ``evaluate`` scores the right cases the right way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from monai.data import list_data_collate
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks import one_hot
+from monai.networks.nets import SwinUNETR
+from monai.transforms import RandCropByPosNegLabeld, SpatialPadd
+from pydantic import Field
+from torch import nn
+from torch.utils.data import Dataset
+
+from accord.config import ExistingPath, StrictModel, TrainerConfig
+from accord.training import BatchStream, DistributedContext, Trainer
+from accord.training.checkpoint import list_checkpoints
+from accord_medssl.data import decathlon_items, require_valid
+from accord_medssl.data.layout import DATASET_JSON, is_msd_root
+from accord_medssl.export import alice_backbone, build_swin_unetr, save_monai_weights, sidecar_path
+from accord_medssl.models import SwinUNETRBackboneOptions
+from accord_medssl.views import VolumeRunConfig
+
+__all__ = [
+    "BestWeights",
+    "EvaluateConfig",
+    "FinetuneConfig",
+    "SegmentationModel",
+    "SlidingWindowOptions",
+    "SplitOptions",
+    "evaluate",
+    "finetune",
+    "initial_network",
+    "labelled_items",
+    "labelled_subset",
+    "segmentation_dice",
+    "split_cases",
+    "training_crops",
+]
+
+BEST_WEIGHTS = "best.safetensors"
+
+
+class SplitOptions(StrictModel):
+    """How the labelled cases split into train / validation / test (each part at least one case)."""
+
+    validation_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of cases for model selection")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of cases that evaluate scores")
+    seed: int = Field(0, description="case shuffle before splitting; keep it fixed across compared runs")
+
+
+class SlidingWindowOptions(StrictModel):
+    """``monai.inferers.sliding_window_inference`` settings; the window is the training crop size."""
+
+    overlap: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of the window shared by neighbours")
+    batch_size: int = Field(4, ge=1, description="windows per forward pass")
+    mode: Literal["constant", "gaussian"] = Field("gaussian", description="blending of overlapping windows")
+
+
+class FinetuneConfig(VolumeRunConfig):
+    """The ``finetune`` task: SwinUNETR segmentation from an Alice checkpoint or from scratch."""
+
+    checkpoint: ExistingPath | None = Field(None, description="Alice pretraining checkpoint; None: random init")
+    pretrained_weights: Literal["student", "teacher"] = Field(
+        "student", description="which network of the checkpoint (the reference fine-tunes the student)"
+    )
+    backbone: SwinUNETRBackboneOptions | None = Field(
+        None, description="SwinUNETR architecture; None: the pretraining run's (with checkpoint) or MONAI's defaults"
+    )
+    spacing: tuple[float, float, float] | None = Field(None, description="resample to this voxel size (mm); None: native")
+    label_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the train cases used (at least one)")
+    split: SplitOptions = SplitOptions()
+    crop_size: tuple[int, int, int] = Field((96, 96, 96), description="training crop and sliding window (multiples of 32)")
+    samples_per_volume: int = Field(2, ge=1, description="crops per volume and step (RandCropByPosNegLabeld num_samples)")
+    foreground_probability: float = Field(0.5, ge=0.0, le=1.0, description="chance that a crop centres on a label voxel")
+    sliding_window: SlidingWindowOptions = SlidingWindowOptions()
+    trainer: TrainerConfig = TrainerConfig(
+        max_steps=1000, batch_size=1, lr=1e-4, weight_decay=1e-5, warmup_steps=20, checkpoint_every=100, keep_last=1
+    )
+
+
+class EvaluateConfig(VolumeRunConfig):
+    """The ``evaluate`` task: per-class Dice of fine-tuned weights on the test cases."""
+
+    checkpoint: ExistingPath = Field(description="weights written by finetune (<run_dir>/best.safetensors)")
+    subset: Literal["test", "validation", "train", "all"] = Field(
+        "test", description="cases of the fine-tuning run's split, or all labelled cases (another dataset)"
+    )
+    sliding_window: SlidingWindowOptions = SlidingWindowOptions()
+
+
+def labelled_items(root: str | Path) -> tuple[list[dict[str, str]], dict[int, str]]:
+    """The ``{"image", "label"}`` items of an MSD dataset and its label names ``{id: name}``.
+
+    Raises:
+        ValueError: not an MSD dataset, or label ids that are not ``0..K-1``.
+    """
+    root = Path(root)
+    if not is_msd_root(root):
+        raise ValueError(f"{root}: segmentation needs an MSD dataset ({DATASET_JSON} with labelled 'training' cases)")
+    labels = {int(key): name for key, name in json.loads((root / DATASET_JSON).read_text())["labels"].items()}
+    if sorted(labels) != list(range(len(labels))):
+        raise ValueError(f"{root / DATASET_JSON}: label ids must be 0..K-1 for one-hot segmentation, got {sorted(labels)}")
+    return decathlon_items(root), labels
+
+
+def split_cases(items: Sequence[dict[str, str]], split: SplitOptions) -> dict[str, list[dict[str, str]]]:
+    """Disjoint ``"train"``, ``"validation"`` and ``"test"`` cases (dataset order kept within each).
+
+    Raises:
+        ValueError: too few cases for a non-empty train part.
+    """
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(split.seed)).tolist()
+    num_test = max(1, round(len(items) * split.test_fraction))
+    num_validation = max(1, round(len(items) * split.validation_fraction))
+    if len(items) - num_test - num_validation < 1:
+        raise ValueError(
+            f"{len(items)} labelled cases cannot give {num_test} test, {num_validation} validation and at least "
+            "one training case; lower split.test_fraction / split.validation_fraction or add cases"
+        )
+    parts = {
+        "test": order[:num_test],
+        "validation": order[num_test : num_test + num_validation],
+        "train": order[num_test + num_validation :],
+    }
+    return {name: [items[i] for i in sorted(indices)] for name, indices in parts.items()}
+
+
+def labelled_subset(items: Sequence[dict[str, str]], fraction: float, seed: int) -> list[dict[str, str]]:
+    """``max(1, round(len(items) * fraction))`` random items; smaller fractions give subsets of larger ones."""
+    keep = max(1, round(len(items) * fraction))
+    chosen = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:keep]
+    return [items[i] for i in sorted(chosen.tolist())]
+
+
+def training_crops(cfg: FinetuneConfig, items: Sequence[dict[str, str]]) -> Dataset:
+    """The cached labelled volumes of ``items``, each access cutting ``samples_per_volume`` crops.
+
+    Volumes smaller than ``crop_size`` are zero-padded; each crop is centred on a label voxel with
+    probability ``foreground_probability`` and otherwise on a voxel inside the body (windowed
+    intensity > 0), by ``RandCropByPosNegLabeld``. The crop sequence is fixed by ``cfg.seed``.
+
+    Returns:
+        A dataset whose items are lists of ``{"image": (C, *crop_size), "label": (1, *crop_size)}``.
+    """
+    keys = ["image", "label"]
+    foreground_crops = RandCropByPosNegLabeld(
+        keys,
+        label_key="label",
+        spatial_size=cfg.crop_size,
+        pos=cfg.foreground_probability,
+        neg=1.0 - cfg.foreground_probability,
+        num_samples=cfg.samples_per_volume,
+        image_key="image",
+        image_threshold=0.0,
+    )
+    volumes = cfg.volumes(items, cfg.spacing, augment=[SpatialPadd(keys, cfg.crop_size), foreground_crops])
+    # MONAI's random transforms draw from their own NumPy generators, which its Compose seeds from
+    # OS entropy when built (unless monai.utils.set_determinism ran): seed them from the run.
+    volumes.transform.set_random_state(seed=cfg.seed)
+    return volumes
+
+
+class SegmentationModel(nn.Module):
+    """Trainer contract around a segmentation network: ``{"loss": DiceCE}`` of a batch of crops.
+
+    Args:
+        network: maps ``(B, C, d, h, w)`` images to ``(B, K, d, h, w)`` logits.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch``: ``"image"`` ``(B, C, d, h, w)`` float, ``"label"`` ``(B, 1, d, h, w)`` class ids."""
+        return {"loss": self.loss(self.network(batch["image"]), batch["label"].long())}
+
+
+def _crop_batch(samples: list[Any]) -> dict[str, torch.Tensor]:
+    """Flatten the per-volume crop lists and drop MONAI's metadata (plain tensors train faster)."""
+    batch = list_data_collate(samples)
+    return {key: batch[key].as_tensor() for key in ("image", "label")}
+
+
+def _finite_or_none(value: float) -> float | None:
+    """A Dice for JSON: NaN (no case holds the class) becomes null."""
+    return None if math.isnan(value) else value
+
+
+def _per_class(class_names: Sequence[str], dice: torch.Tensor) -> dict[str, float | None]:
+    """``{class: Dice}`` of a ``(K - 1,)`` Dice tensor, for JSON."""
+    return {name: _finite_or_none(value) for name, value in zip(class_names, dice.tolist())}
+
+
+@torch.no_grad()
+def segmentation_dice(
+    network: nn.Module,
+    volumes: Dataset,
+    num_classes: int,
+    roi_size: Sequence[int],
+    window: SlidingWindowOptions,
+) -> torch.Tensor:
+    """Per-class Dice of ``network`` over whole labelled volumes, by sliding-window inference.
+
+    Args:
+        network: ``(1, C, *roi_size)`` -> ``(1, num_classes, *roi_size)`` logits; evaluated in eval
+            mode (its mode is restored afterwards).
+        volumes: items ``{"image": (C, X, Y, Z), "label": (1, X, Y, Z)}``.
+        num_classes: ``K`` including background.
+        roi_size: the sliding window.
+        window: overlap, windows per pass and blending.
+
+    Returns:
+        ``(K - 1,)`` Dice per foreground class averaged over the cases whose ground truth holds the
+        class; NaN for a class that no case holds.
+    """
+    device = next(network.parameters()).device
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True, num_classes=num_classes)
+    was_training = network.training
+    network.eval()
+    try:
+        for index in range(len(volumes)):
+            case = volumes[index]
+            image = case["image"].as_subclass(torch.Tensor)[None].to(device)
+            logits = sliding_window_inference(
+                image, tuple(roi_size), window.batch_size, network, overlap=window.overlap, mode=window.mode
+            )
+            label = case["label"].as_subclass(torch.Tensor)[None].long().to(device)
+            metric(one_hot(logits.argmax(1, keepdim=True), num_classes), one_hot(label, num_classes))
+        return torch.nanmean(metric.aggregate().float().cpu(), dim=0)
+    finally:
+        network.train(was_training)
+
+
+class BestWeights:
+    """The best-scoring weights so far, kept in one MONAI weights file rewritten atomically on improvement.
+
+    Args:
+        path: the weights file; if it exists (a resumed run), the score in its sidecar JSON is the
+            one to beat.
+        swin_unetr_kwargs: constructor arguments of the network whose weights are kept.
+        metadata: provenance written with every version.
+    """
+
+    def __init__(self, path: Path, swin_unetr_kwargs: dict[str, Any], metadata: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.swin_unetr_kwargs = swin_unetr_kwargs
+        self.metadata = metadata
+        sidecar = sidecar_path(self.path)
+        self.score = json.loads(sidecar.read_text())["validation_dice"] if sidecar.is_file() else -math.inf
+
+    def update(self, step: int, score: float, network: nn.Module, details: dict[str, Any]) -> bool:
+        """Keep ``network``'s weights if ``score`` beats the best so far (NaN never does); True if kept."""
+        if not score > self.score:
+            return False
+        record = {**self.metadata, "step": step, "validation_dice": score, **details}
+        save_monai_weights(network.state_dict(), self.swin_unetr_kwargs, self.path, record)
+        self.score = score
+        return True
+
+
+class _ValidatingTrainer(Trainer):
+    """The core trainer, calling ``validate(step, model)`` on rank 0 before each checkpoint it writes.
+
+    It extends the trainer's checkpoint step (``Trainer._save``, which runs every
+    ``checkpoint_every`` steps and after the last one), so fine-tuning keeps everything the core
+    loop does: resume, DDP, bf16, accumulation, logging. Validating *before* the checkpoint means a
+    run resumed from any checkpoint has already kept the best weights of every step up to it.
+    """
+
+    def __init__(self, config: TrainerConfig, run_dir: Path, validate: Callable[[int, nn.Module], None]) -> None:
+        super().__init__(config, run_dir)
+        self._validate = validate
+
+    def _save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        data: BatchStream,
+        context: DistributedContext,
+    ) -> Path:
+        if context.is_main:
+            self._validate(step, model)
+        return super()._save(step, model, optimizer, scheduler, data, context)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def initial_network(cfg: FinetuneConfig, num_classes: int) -> tuple[SwinUNETR, dict[str, Any], dict[str, Any]]:
+    """The SwinUNETR to fine-tune, its constructor kwargs and how it was initialised.
+
+    With ``cfg.checkpoint``, every weight but the output layer comes from the Alice run's
+    ``cfg.pretrained_weights`` network, and the architecture from its config.yaml unless
+    ``cfg.backbone`` overrides it.
+
+    Raises:
+        ValueError: pretrained weights that do not fit the architecture.
+    """
+    if cfg.checkpoint is None:
+        kwargs = (cfg.backbone or SwinUNETRBackboneOptions()).monai_kwargs(out_channels=num_classes)
+        return SwinUNETR(**kwargs), kwargs, {"initialisation": {"checkpoint": None}}
+    pretrained, weights, step = alice_backbone(cfg.checkpoint, cfg.pretrained_weights, drop_output_layer=True)
+    kwargs = (cfg.backbone or pretrained).monai_kwargs(out_channels=num_classes)
+    network = SwinUNETR(**kwargs)
+    try:
+        missing, unexpected = network.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"{cfg.checkpoint}: pretrained weights do not fit backbone {cfg.backbone}: {exc}") from None
+    stray = [key for key in missing if not key.startswith("out.")] + list(unexpected)
+    if stray:
+        raise ValueError(f"{cfg.checkpoint}: pretrained weights do not fit backbone {cfg.backbone}: keys {stray[:5]}")
+    source = {"checkpoint": str(cfg.checkpoint.absolute()), "weights": cfg.pretrained_weights, "step": step}
+    return network, kwargs, {"initialisation": source}
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune SwinUNETR on a labelled fraction; keep the weights with the best validation Dice.
+
+    Returns:
+        The trainer's last metrics record plus ``weights`` (the best weights file), ``best_step``,
+        ``validation_dice`` (mean over classes), ``validation_dice_per_class`` and
+        ``labelled_cases``.
+
+    Raises:
+        ValueError: an invalid dataset (the check's messages), too few cases, or pretrained weights
+            that do not fit the backbone.
+    """
+    require_valid(cfg.data)
+    items, labels = labelled_items(cfg.data)
+    splits = split_cases(items, cfg.split)
+    train = labelled_subset(splits["train"], cfg.label_fraction, cfg.seed)
+    if len(train) < cfg.trainer.batch_size:
+        raise ValueError(
+            f"label_fraction {cfg.label_fraction} of {len(splits['train'])} train cases leaves {len(train)}, fewer than "
+            f"trainer.batch_size {cfg.trainer.batch_size} (volumes per step)"
+        )
+    torch.manual_seed(cfg.seed)
+    network, kwargs, initialisation = initial_network(cfg, num_classes=len(labels))
+    train_volumes = training_crops(cfg, train)
+    validation_volumes = cfg.volumes(splits["validation"], cfg.spacing)
+    class_names = [labels[index] for index in range(1, len(labels))]
+    metadata = {
+        **initialisation,
+        "labels": {str(index): name for index, name in labels.items()},
+        "crop_size": list(cfg.crop_size),
+        "spacing": cfg.spacing,
+        "split": cfg.split.model_dump(),
+        "label_fraction": cfg.label_fraction,
+        "train_cases": [item["image"] for item in train],
+    }
+    best_path, log_path = cfg.run_dir / BEST_WEIGHTS, cfg.run_dir / "validation.jsonl"
+
+    def validate(step: int, model: nn.Module) -> None:
+        dice = segmentation_dice(model.network, validation_volumes, len(labels), cfg.crop_size, cfg.sliding_window)
+        mean = float(torch.nanmean(dice))
+        per_class = _per_class(class_names, dice)
+        with log_path.open("a") as log:
+            log.write(json.dumps({"step": step, "dice": _finite_or_none(mean), "dice_per_class": per_class}) + "\n")
+        best.update(step, mean, model.network, {"validation_dice_per_class": per_class})
+
+    trainer = _ValidatingTrainer(cfg.trainer, cfg.run_dir, validate)
+    if not list_checkpoints(trainer.checkpoint_dir):
+        # A fresh run: what an earlier run left in run_dir is not this run's best.
+        for stale in (best_path, sidecar_path(best_path), log_path):
+            stale.unlink(missing_ok=True)
+    best = BestWeights(best_path, kwargs, metadata)
+    result = trainer.fit(SegmentationModel(network), train_volumes, collate_fn=_crop_batch)
+    if not best.path.is_file():
+        raise ValueError(f"{cfg.data}: no validation case holds any labelled class, so no weights could be selected")
+    kept = json.loads(sidecar_path(best.path).read_text())
+    return {
+        **result,
+        "weights": str(best.path),
+        "best_step": kept["step"],
+        "validation_dice": kept["validation_dice"],
+        "validation_dice_per_class": kept["validation_dice_per_class"],
+        "labelled_cases": len(train),
+    }
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Per-class and mean Dice of fine-tuned weights; also written to ``<run_dir>/results.json``.
+
+    The cases are the ``subset`` of the split recorded in the weights file, preprocessed at its
+    recorded spacing, and inferred with its training crop as the sliding window.
+
+    Raises:
+        ValueError: an invalid dataset, or labels that differ from the ones the weights were trained on.
+    """
+    require_valid(cfg.data)
+    network, info = build_swin_unetr(cfg.checkpoint)
+    items, labels = labelled_items(cfg.data)
+    trained_labels = {int(index): name for index, name in info["labels"].items()}
+    if trained_labels != labels:
+        raise ValueError(f"{cfg.data}: labels {labels} differ from the ones {cfg.checkpoint} was trained on: {trained_labels}")
+    cases = items if cfg.subset == "all" else split_cases(items, SplitOptions(**info["split"]))[cfg.subset]
+    spacing = tuple(info["spacing"]) if info["spacing"] is not None else None
+    per_class = segmentation_dice(
+        network.to(_device()), cfg.volumes(cases, spacing), len(labels), info["crop_size"], cfg.sliding_window
+    )
+    class_names = [labels[index] for index in range(1, len(labels))]
+    result = {
+        "dice": _finite_or_none(float(torch.nanmean(per_class))),
+        "dice_per_class": _per_class(class_names, per_class),
+        "subset": cfg.subset,
+        "cases": len(cases),
+        "checkpoint": str(cfg.checkpoint),
+    }
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "results.json").write_text(json.dumps(result, indent=2))
+    return result

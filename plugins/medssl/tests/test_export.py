@@ -1,0 +1,120 @@
+"""``accord export --format monai``: Alice checkpoints to SwinUNETR weights that MONAI loads strictly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from monai.networks.nets import SwinUNETR
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from accord.config import save_resolved
+from accord.training.checkpoint import build_checkpoint, capture_rng_state, checkpoint_path, save_checkpoint
+from accord_medssl.anatomy import AnatomyEmbeddingPretraining
+from accord_medssl.export import export_monai, sidecar_path
+from accord_medssl.finetune import FinetuneConfig, initial_network
+from accord_medssl.tasks import AlicePretraining, PretrainConfig
+
+TINY_ALICE = {
+    "backbone": {"feature_size": 12, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8), "window_size": 4, "norm_name": "batch"},
+    "out_dim": 32,
+    "head_hidden_dim": 32,
+    "head_bottleneck_dim": 16,
+    "casa_hidden_dim": 32,
+    "casa_num_heads": 4,
+}
+
+
+def _pretraining_run(run_dir: Path, data: Path, model: torch.nn.Module, **config: object) -> Path:
+    """A pretraining run directory as the pretrain task leaves it: config.yaml and one checkpoint."""
+    cfg = PretrainConfig(plugin="medssl", task="pretrain", data=data, run_dir=run_dir, **config)
+    save_resolved(cfg, run_dir)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = build_checkpoint(
+        step=7, data_position={"epoch": 0, "batch": 0}, model=model, optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), rng=[capture_rng_state()],
+        config=cfg.trainer.model_dump(mode="json"),
+    )
+    return save_checkpoint(state, checkpoint_path(run_dir / "checkpoints", 7))
+
+
+@pytest.fixture(scope="module")
+def alice_checkpoint(msd_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AlicePretraining]:
+    torch.manual_seed(0)
+    model = AlicePretraining(PretrainConfig(plugin="medssl", task="pretrain", data=msd_root, alice=TINY_ALICE).alice)
+    with torch.no_grad():  # a teacher that differs from the student, as after training
+        model.teacher.teacher.backbone.swin_unetr.swinViT.patch_embed.proj.weight.add_(1.0)
+    run_dir = tmp_path_factory.mktemp("alice")
+    checkpoint = _pretraining_run(run_dir, msd_root, model, method="alice", alice=TINY_ALICE, mining={"embeddings": run_dir})
+    return checkpoint, model
+
+
+@pytest.fixture
+def only_medssl(monkeypatch: pytest.MonkeyPatch):
+    from accord.plugins import reset_host
+
+    monkeypatch.setenv("ACCORD_LOAD_PLUGINS", "medssl")
+    reset_host()
+    yield
+    reset_host()
+
+
+def test_cli_export_loads_strictly_into_a_fresh_monai_swin_unetr(only_medssl, alice_checkpoint, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from accord.cli import app
+
+    checkpoint, model = alice_checkpoint
+    out = tmp_path / "alice.safetensors"
+    result = CliRunner().invoke(app, ["export", str(checkpoint), "--format", "monai", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    info = json.loads(sidecar_path(out).read_text())
+    assert info["step"] == 7 and info["weights"] == "student"
+    network = SwinUNETR(**info["swin_unetr_kwargs"])
+    network.load_state_dict(load_file(out), strict=True)
+    for name, value in model.student.backbone.swin_unetr.state_dict().items():
+        torch.testing.assert_close(network.state_dict()[name], value)
+    with safe_open(str(out), framework="pt") as handle:  # the file alone also carries the kwargs
+        assert json.loads(handle.metadata()["swin_unetr_kwargs"]) == info["swin_unetr_kwargs"]
+
+
+def test_export_to_pt_is_a_plain_state_dict_for_weights_only_loading(alice_checkpoint, tmp_path: Path) -> None:
+    checkpoint, _ = alice_checkpoint
+    out = export_monai(checkpoint, tmp_path / "alice.pt")
+    kwargs = json.loads(sidecar_path(out).read_text())["swin_unetr_kwargs"]
+    SwinUNETR(**kwargs).load_state_dict(torch.load(out, weights_only=True), strict=True)
+
+
+def test_export_names_what_is_wrong_with_other_checkpoints(only_medssl, msd_root: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from accord.cli import app
+
+    anatomy = _pretraining_run(tmp_path / "anatomy", msd_root, AnatomyEmbeddingPretraining(), method="anatomy_embedding")
+    result = CliRunner().invoke(app, ["export", str(anatomy), "--format", "monai", "--out", str(tmp_path / "x.pt")])
+    assert result.exit_code == 2
+    assert "written by a method 'anatomy_embedding' run" in result.output and "expected 'alice'" in result.output
+    (tmp_path / "anatomy" / "config.yaml").unlink()
+    with pytest.raises(ValueError, match="config.yaml not found; a pretraining checkpoint's architecture is read"):
+        export_monai(anatomy, tmp_path / "x.pt")
+
+
+def test_finetuning_starts_from_the_pretrained_backbone(alice_checkpoint, msd_root: Path) -> None:
+    checkpoint, model = alice_checkpoint
+    cfg = FinetuneConfig(plugin="medssl", task="finetune", data=msd_root, checkpoint=checkpoint, crop_size=(32, 32, 32))
+    network, kwargs, provenance = initial_network(cfg, num_classes=7)
+    assert kwargs["feature_size"] == 12 and kwargs["out_channels"] == 7  # architecture from the run's config.yaml
+    assert provenance["initialisation"]["step"] == 7
+    pretrained = model.student.backbone.swin_unetr.state_dict()
+    for name, value in network.state_dict().items():
+        if name.startswith("out."):
+            assert value.shape[0] == 7
+        else:
+            torch.testing.assert_close(value, pretrained[name])
+    teacher, _, _ = initial_network(cfg.model_copy(update={"pretrained_weights": "teacher"}), num_classes=7)
+    torch.testing.assert_close(
+        teacher.swinViT.patch_embed.proj.weight, model.teacher.teacher.backbone.swin_unetr.swinViT.patch_embed.proj.weight
+    )

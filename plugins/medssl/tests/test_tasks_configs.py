@@ -1,0 +1,52 @@
+"""The shipped configs/medssl/*.yaml validate, chain into each other, and every task config is strict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from accord.config import ConfigError, load_config, validate_config
+from accord.plugins import PluginHost, reset_host
+
+REPO = Path(__file__).resolve().parents[3]
+CONFIGS = REPO / "configs" / "medssl"
+
+
+@pytest.fixture
+def only_medssl(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("ACCORD_LOAD_PLUGINS", "medssl")
+    reset_host()
+    yield
+    reset_host()
+
+
+def test_shipped_configs_validate_and_chain(only_medssl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    configs = {}
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        (tmp_path / raw["data"]).mkdir(parents=True, exist_ok=True)
+        if raw.get("checkpoint"):
+            (tmp_path / raw["checkpoint"]).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / raw["checkpoint"]).touch()
+        configs[path.stem] = load_config(path)
+    assert sorted(configs) == ["alice_pretrain", "anatomy_embedding", "evaluate", "finetune"]
+    anatomy, alice = configs["anatomy_embedding"], configs["alice_pretrain"]
+    assert (anatomy.method, alice.method) == ("anatomy_embedding", "alice")
+    assert alice.trainer.ema_momentum == 0.996 and alice.trainer.ema_momentum_end == 1.0
+    # Each stage reads what the previous one writes.
+    assert alice.mining.anatomy_checkpoint.parent.parent == anatomy.run_dir
+    assert configs["finetune"].checkpoint.parent.parent == alice.run_dir
+    assert configs["evaluate"].checkpoint == configs["finetune"].run_dir / "best.safetensors"
+
+
+def test_every_task_config_forbids_unknown_keys(only_medssl, tmp_path: Path) -> None:
+    tasks = PluginHost().tasks.by_plugin("medssl")
+    assert sorted(task.name for task in tasks) == ["benchmark", "evaluate", "finetune", "pretrain"]
+    for task in tasks:
+        raw = {"plugin": "medssl", "task": task.name, "data": str(tmp_path), "checkpoint": str(tmp_path),
+               "trainer_steps": 3}
+        with pytest.raises(ConfigError, match=r"unknown key 'trainer_steps'"):
+            validate_config(task.extra["config"], raw, f"{task.name}.yaml")
