@@ -235,12 +235,22 @@ class Trainer:
     Args:
         config: the trainer options.
         run_dir: where ``checkpoints/``, ``metrics.jsonl`` and ``loss_curves.png`` go.
+        before_checkpoint: called as ``before_checkpoint(step, model)`` on rank 0 just before each
+            checkpoint is written (every ``checkpoint_every`` steps and after the last one), e.g.
+            to validate and keep the best weights; a resumed run has then already seen every step
+            up to its checkpoint.
     """
 
-    def __init__(self, config: TrainerConfig, run_dir: Path | str) -> None:
+    def __init__(
+        self,
+        config: TrainerConfig,
+        run_dir: Path | str,
+        before_checkpoint: Callable[[int, nn.Module], None] | None = None,
+    ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
+        self.before_checkpoint = before_checkpoint
 
     def fit(
         self,
@@ -470,6 +480,8 @@ class Trainer:
         context: DistributedContext,
     ) -> Path:
         """Write the checkpoint of ``step`` (rank 0 only; every rank contributes its RNG state)."""
+        if self.before_checkpoint is not None and context.is_main:
+            self.before_checkpoint(step, model)
         local_rng = capture_rng_state()
         rng = [local_rng]
         if context.world_size > 1:

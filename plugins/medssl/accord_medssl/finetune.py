@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from accord.config import ExistingPath, StrictModel, TrainerConfig
-from accord.training import BatchStream, DistributedContext, Trainer
+from accord.training import Trainer
 from accord.training.checkpoint import list_checkpoints
 from accord_medssl.data import decathlon_items, require_valid
 from accord_medssl.data.layout import DATASET_JSON, is_msd_root
@@ -287,33 +287,6 @@ class BestWeights:
         return True
 
 
-class _ValidatingTrainer(Trainer):
-    """The core trainer, calling ``validate(step, model)`` on rank 0 before each checkpoint it writes.
-
-    It extends the trainer's checkpoint step (``Trainer._save``, which runs every
-    ``checkpoint_every`` steps and after the last one), so fine-tuning keeps everything the core
-    loop does: resume, DDP, bf16, accumulation, logging. Validating *before* the checkpoint means a
-    run resumed from any checkpoint has already kept the best weights of every step up to it.
-    """
-
-    def __init__(self, config: TrainerConfig, run_dir: Path, validate: Callable[[int, nn.Module], None]) -> None:
-        super().__init__(config, run_dir)
-        self._validate = validate
-
-    def _save(
-        self,
-        step: int,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        data: BatchStream,
-        context: DistributedContext,
-    ) -> Path:
-        if context.is_main:
-            self._validate(step, model)
-        return super()._save(step, model, optimizer, scheduler, data, context)
-
-
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -390,7 +363,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             log.write(json.dumps({"step": step, "dice": _finite_or_none(mean), "dice_per_class": per_class}) + "\n")
         best.update(step, mean, model.network, {"validation_dice_per_class": per_class})
 
-    trainer = _ValidatingTrainer(cfg.trainer, cfg.run_dir, validate)
+    trainer = Trainer(cfg.trainer, cfg.run_dir, before_checkpoint=validate)
     if not list_checkpoints(trainer.checkpoint_dir):
         # A fresh run: what an earlier run left in run_dir is not this run's best.
         for stale in (best_path, sidecar_path(best_path), log_path):
