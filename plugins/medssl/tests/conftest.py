@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from accord.plugins import reset_host
+
 from accord_medssl.data import synth
 
 
@@ -37,3 +39,12 @@ def msd_root(tmp_path_factory: pytest.TempPathFactory, phantom_spec: PhantomSpec
         shape=phantom_spec.shape,
         spacing=phantom_spec.spacing,
     )
+
+
+@pytest.fixture
+def only_medssl(monkeypatch: pytest.MonkeyPatch):
+    """Load medssl alone (other plugins of the checkout may be mid-installation) with a fresh host."""
+    monkeypatch.setenv("ACCORD_LOAD_PLUGINS", "medssl")
+    reset_host()
+    yield
+    reset_host()

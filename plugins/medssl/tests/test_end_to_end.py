@@ -14,7 +14,6 @@ from monai.networks.nets import SwinUNETR
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from accord.plugins import reset_host
 from accord_medssl.data import synth
 
 REPO = Path(__file__).resolve().parents[3]
@@ -28,13 +27,6 @@ TINY_ANATOMY = ["anatomy_embedding.model.widths=[4,8,8]", "anatomy_embedding.mod
                 "anatomy_embedding.model.global_dim=8", "anatomy_embedding.model.local_dim=8"]
 TWO_STEPS = ["trainer.max_steps=2", "trainer.batch_size=2", "trainer.warmup_steps=0", "trainer.checkpoint_every=2"]
 
-
-@pytest.fixture
-def only_medssl(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("ACCORD_LOAD_PLUGINS", "medssl")
-    reset_host()
-    yield
-    reset_host()
 
 
 def test_alice_pipeline_through_the_cli(only_medssl, tmp_path: Path) -> None:

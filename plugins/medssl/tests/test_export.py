@@ -52,15 +52,6 @@ def alice_checkpoint(msd_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     return checkpoint, model
 
 
-@pytest.fixture
-def only_medssl(monkeypatch: pytest.MonkeyPatch):
-    from accord.plugins import reset_host
-
-    monkeypatch.setenv("ACCORD_LOAD_PLUGINS", "medssl")
-    reset_host()
-    yield
-    reset_host()
-
 
 def test_cli_export_loads_strictly_into_a_fresh_monai_swin_unetr(only_medssl, alice_checkpoint, tmp_path: Path) -> None:
     from typer.testing import CliRunner

@@ -7,16 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from accord.plugins import PluginHost, reset_host
+from accord.plugins import PluginHost
 
-
-@pytest.fixture
-def only_medssl(monkeypatch: pytest.MonkeyPatch):
-    """Load medssl alone (other plugins of the checkout may be mid-installation) with a fresh host."""
-    monkeypatch.setenv("ACCORD_LOAD_PLUGINS", "medssl")
-    reset_host()
-    yield
-    reset_host()
 
 
 def test_plugin_registers_the_msd_dataset(only_medssl, msd_root: Path) -> None:

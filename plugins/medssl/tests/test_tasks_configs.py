@@ -8,18 +8,11 @@ import pytest
 import yaml
 
 from accord.config import ConfigError, load_config, validate_config
-from accord.plugins import PluginHost, reset_host
+from accord.plugins import PluginHost
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIGS = REPO / "configs" / "medssl"
 
-
-@pytest.fixture
-def only_medssl(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("ACCORD_LOAD_PLUGINS", "medssl")
-    reset_host()
-    yield
-    reset_host()
 
 
 def test_shipped_configs_validate_and_chain(only_medssl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

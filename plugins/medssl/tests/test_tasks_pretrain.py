@@ -102,16 +102,6 @@ def test_alice_config_defaults_and_limits(msd_root: Path, tmp_path: Path) -> Non
         build_pretraining(_config(msd_root, method="alice", mining={"anatomy_checkpoint": tmp_path / "nope.pt"}))
 
 
-@pytest.fixture
-def only_medssl(monkeypatch: pytest.MonkeyPatch):
-    """The CLI with medssl alone (other plugins of the checkout may be mid-installation) and a fresh host."""
-    from accord.plugins import reset_host
-
-    monkeypatch.setenv("ACCORD_LOAD_PLUGINS", "medssl")
-    reset_host()
-    yield
-    reset_host()
-
 
 def test_pretraining_refuses_an_invalid_dataset_with_the_check_messages(only_medssl, msd_root: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
