@@ -1,61 +1,17 @@
-"""Negative-cosine losses without negatives: BYOL / SimSiam (global) and PixPro-style (dense).
-
-Also home of :func:`float32_forward`, the precision policy shared by accord's losses: half-precision
-inputs are upcast and autocast is disabled inside the loss, so softmax / normalisation / reductions
-accumulate in fp32 even when the encoder runs under bf16 autocast.
-"""
+"""Negative-cosine losses without negatives: BYOL / SimSiam (global) and PixPro-style (dense)."""
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from accord.checks import check_finite, check_same_shape, check_tensor
+from accord.losses.precision import float32_forward
 
-__all__ = ["float32_forward", "NegativeCosineSimilarity", "MaskedDenseCosineLoss"]
-
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-_Forward = TypeVar("_Forward", bound=Callable[..., Any])
-
-
-def _upcast(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.dtype in _HALF_DTYPES else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_upcast(item) for item in value)
-    return value
-
-
-def _first_device_type(values: Sequence[Any]) -> str:
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            return value.device.type
-        if isinstance(value, (list, tuple)):
-            found = _first_device_type(value)
-            if found:
-                return found
-    return ""
-
-
-def float32_forward(forward: _Forward) -> _Forward:
-    """Decorate a loss ``forward`` to compute in at least fp32.
-
-    fp16 / bf16 tensor arguments (also inside lists and tuples) are cast to fp32 and autocast is
-    disabled for the body; fp32 and fp64 inputs are left alone (fp64 keeps ``gradcheck`` exact).
-    """
-
-    @functools.wraps(forward)
-    def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        device_type = _first_device_type([*args, *kwargs.values()]) or "cpu"
-        with torch.autocast(device_type=device_type, enabled=False):
-            return forward(self, *_upcast(args), **{key: _upcast(value) for key, value in kwargs.items()})
-
-    return wrapper  # type: ignore[return-value]
-
+__all__ = ["NegativeCosineSimilarity", "MaskedDenseCosineLoss"]
 
 def _check_features(tensor: torch.Tensor, name: str, ndim: int | Sequence[int]) -> None:
     check_tensor(tensor, name, ndim=ndim, floating=True)

@@ -25,7 +25,7 @@ from torch import nn
 
 from accord import dist as accord_dist
 from accord.checks import check_finite, check_positive, check_tensor
-from accord.losses.cosine import float32_forward
+from accord.losses.precision import float32_forward
 from accord.schedules import linear_schedule
 
 __all__ = ["DINOLoss", "IBOTPatchLoss"]

@@ -14,7 +14,7 @@ from torch import nn
 
 from accord import dist as accord_dist
 from accord.checks import check_finite, check_index_range, check_tensor
-from accord.losses.cosine import float32_forward
+from accord.losses.precision import float32_forward
 from accord.losses.infonce import InfoNCELoss
 
 __all__ = ["group_mean_pool", "GroupedContrastLoss"]

@@ -42,6 +42,7 @@ from torch import nn
 from accord import dist as adist
 from accord.checks import check_finite, check_index_range, check_positive, check_same_shape, check_tensor
 from accord.losses.memory import MemoryQueue
+from accord.losses.precision import autocast_disabled
 from accord.losses.tiled import (
     DEFAULT_TILE_SIZE,
     TeacherTargets,
@@ -337,7 +338,7 @@ def info_nce(
         )
 
     device = query.device
-    with torch.autocast(device_type=device.type, enabled=False):
+    with autocast_disabled(device):
         dtype = torch.promote_types(query.dtype, torch.float32)
         q = F.normalize(query.to(dtype), dim=1)
         k = q if key is query else F.normalize(key.to(dtype), dim=1)

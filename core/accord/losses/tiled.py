@@ -28,10 +28,11 @@ on CPU a fresh multi-MiB tensor per tile costs more in page faults than the tile
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
+
+from accord.losses.precision import autocast_disabled
 
 __all__ = [
     "DEFAULT_TILE_SIZE",
@@ -64,11 +65,6 @@ class TeacherTargets:
     query: torch.Tensor
     keys: torch.Tensor
     scale: float
-
-
-def _fp32_matmuls(device: torch.device) -> AbstractContextManager[None]:
-    # Autocast would run the tile matmuls in bf16/fp16; the LSE and its gradient need fp32 accumulation.
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _tile_view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -202,7 +198,7 @@ def streamed_logsumexp(
     Returns:
         ``(N,)`` log-sum-exp; ``-inf`` for a row without candidates.
     """
-    with _fp32_matmuls(query.device):
+    with autocast_disabled(query.device):
         return _stream_rows(query, keys, scale, self_index, None, None, tile_size)[0]
 
 
@@ -225,7 +221,7 @@ class TiledRowStats(torch.autograd.Function):
         teacher_lse = None
         if teacher is not None:
             teacher_lse = streamed_logsumexp(teacher.query, teacher.keys, teacher.scale, self_index, tile_size)
-        with _fp32_matmuls(query.device):
+        with autocast_disabled(query.device):
             lse, target_logit = _stream_rows(query, keys, scale, self_index, teacher, teacher_lse, tile_size)
         ctx.save_for_backward(query, keys, lse, teacher_lse, self_index)
         ctx.scale, ctx.teacher, ctx.tile_size = scale, teacher, tile_size
@@ -244,7 +240,7 @@ class TiledRowStats(torch.autograd.Function):
         dq = torch.zeros_like(query) if want_dq else None
         dk = torch.zeros_like(keys) if want_dk else None
         use_teacher = teacher is not None and bool(grad_target.any())
-        with torch.no_grad(), _fp32_matmuls(query.device):
+        with torch.no_grad(), autocast_disabled(query.device):
             logits_buffer = query.new_empty(min(tile_size, n_rows) * min(tile_size, n_cols))
             teacher_buffer = torch.empty_like(logits_buffer) if use_teacher else None
             for row_start in range(0, n_rows, tile_size):
