@@ -43,6 +43,15 @@ def test_wrong_type_is_one_line(tmp_path: Path) -> None:
     assert err.value.lines == [f"{path}: trainer.lr: Input should be a valid number, unable to parse string as a number (got 'fast')"]
 
 
+def test_cross_field_error_names_the_section_without_dumping_it(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"trainer": {"max_steps": 10, "warmup_steps": 10}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    [line] = err.value.lines
+    assert line.startswith(f"{path}: trainer: ") and "warmup_steps" in line
+    assert "{" not in line  # the section's values are not dumped into the message
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path / "nope.yaml")

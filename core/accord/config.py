@@ -191,7 +191,10 @@ def _format_errors(exc: ValidationError, model: type[BaseModel], source: str) ->
             lines.append(f"{source}: missing required key {key!r}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {key}: {msg} (got {err.get('input')!r})")
+            where = f"{key}: " if key else ""
+            # A model-level check gets the whole section as input: its message names the keys instead.
+            got = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
+            lines.append(f"{source}: {where}{msg}{got}")
     return lines
 
 
