@@ -88,30 +88,36 @@ def _missing_image(root: Path) -> str:
 
 def _superpixel_out_of_range(root: Path) -> str:
     camera = _camera(root)
-    path = root / "superpixels" / "semantic" / f"{camera['token']}.png"
+    relative = f"superpixels/semantic/{camera['token']}.png"
     ids = np.zeros((camera["height"], camera["width"]), dtype=np.uint8)
     ids[3, 4] = 20
-    save_superpixels(path, ids)
-    return str(path)
+    save_superpixels(root / relative, ids)
+    return relative
 
 
 def _superpixel_wrong_size(root: Path) -> str:
     camera = _camera(root)
-    path = root / "superpixels" / "semantic" / f"{camera['token']}.png"
-    save_superpixels(path, np.zeros((10, 10), dtype=np.uint8))
-    return str(path)
+    relative = f"superpixels/semantic/{camera['token']}.png"
+    save_superpixels(root / relative, np.zeros((10, 10), dtype=np.uint8))
+    return relative
 
 
 def _superpixel_stray_file(root: Path) -> str:
-    path = root / "superpixels" / "semantic" / "not-a-token.png"
-    save_superpixels(path, np.zeros((10, 10), dtype=np.uint8))
-    return str(path)
+    relative = "superpixels/semantic/not-a-token.png"
+    save_superpixels(root / relative, np.zeros((10, 10), dtype=np.uint8))
+    return relative
 
 
 def _superpixel_meta_missing(root: Path) -> str:
-    path = root / "superpixels" / "semantic" / "meta.json"
-    path.unlink()
-    return str(path)
+    relative = "superpixels/semantic/meta.json"
+    (root / relative).unlink()
+    return relative
+
+
+def _superpixel_map_missing(root: Path) -> str:
+    relative = f"superpixels/semantic/{_camera(root)['token']}.png"
+    (root / relative).unlink()
+    return relative
 
 
 def _lidarseg_fresh_token(root: Path) -> str:
@@ -170,6 +176,7 @@ CASES = {
     "superpixel size": (_superpixel_wrong_size, "is 10x10, its camera image is 160x90"),
     "superpixel name": (_superpixel_stray_file, "not named after a camera sample_data token"),
     "superpixel meta": (_superpixel_meta_missing, "missing"),
+    "superpixel map missing": (_superpixel_map_missing, "missing semantic superpixel map of keyframe camera"),
     "lidarseg token": (_lidarseg_fresh_token, "token differs from sample_data_token"),
     "sample crosses scene": (_sample_crosses_scene, "belongs to another scene"),
     "log without map": (_log_without_map, "log is in no map's log_tokens"),
@@ -202,6 +209,16 @@ def test_require_valid_lists_every_problem(tiny_root: Path) -> None:
     assert "nuScenes dataset check failed (2 problems)" in lines[0]
     assert any("missing file referenced by sample_data" in line for line in lines[1:])
     assert any("labels for" in line for line in lines[1:])
+
+
+def test_many_missing_semantic_maps_are_counted_not_all_listed(tiny_root: Path) -> None:
+    maps = sorted((tiny_root / "superpixels" / "semantic").glob("*.png"))
+    for path in maps:
+        path.unlink()
+    problems = [p for p in check_nuscenes(tiny_root) if "semantic superpixel map" in p.message]
+    assert len(problems) == min(len(maps), 20) + (len(maps) > 20)
+    if len(maps) > 20:
+        assert problems[-1].message.startswith(f"{len(maps) - 20} more keyframe camera images")
 
 
 def test_root_problems(tmp_path: Path) -> None:

@@ -15,7 +15,13 @@ import numpy as np
 from accord.registry import Problem
 
 from accord_superflow.data.schema import LIDARSEG_CLASSES, POINT_DIMS, SPLITS_BY_VERSION, TABLES
-from accord_superflow.data.superpixels import META_FILE, SUPERPIXELS_DIR, load_superpixels, read_superpixel_meta
+from accord_superflow.data.superpixels import (
+    META_FILE,
+    SEMANTIC_KIND,
+    SUPERPIXELS_DIR,
+    load_superpixels,
+    read_superpixel_meta,
+)
 
 __all__ = ["check_nuscenes", "require_valid"]
 
@@ -83,11 +89,13 @@ def check_nuscenes(root: str | Path) -> list[Problem]:
         return [Problem(str(root), f"no table directory; expected one of {', '.join(SPLITS_BY_VERSION)}")]
     problems: list[Problem] = []
     camera_sizes: dict[str, tuple[int, int]] = {}
+    keyframe_cameras: set[str] = set()
     for version in versions:
         checker = _VersionChecker(root, version)
         problems += checker.run()
         camera_sizes.update(checker.camera_sizes)
-    problems += _check_superpixels(root, camera_sizes)
+        keyframe_cameras |= checker.keyframe_cameras
+    problems += _check_superpixels(root, camera_sizes, keyframe_cameras)
     return problems
 
 
@@ -100,6 +108,7 @@ class _VersionChecker:
         self.problems: list[Problem] = []
         self.tables: dict[str, dict[str, dict]] = {}
         self.camera_sizes: dict[str, tuple[int, int]] = {}
+        self.keyframe_cameras: set[str] = set()
 
     def report(self, where: str, message: str) -> None:
         self.problems.append(Problem(where, message))
@@ -228,6 +237,8 @@ class _VersionChecker:
                 image_size = (record.get("width"), record.get("height"))
                 if all(isinstance(v, int) and v > 0 for v in image_size):
                     self.camera_sizes[token] = image_size
+                    if record.get("is_key_frame"):
+                        self.keyframe_cameras.add(token)
                 else:
                     self.report(self.record("sample_data", token),
                                 f"camera width/height {image_size} are not positive integers")
@@ -309,28 +320,47 @@ def _intrinsic_problem(intrinsic: Any) -> str | None:
     return None
 
 
-def _check_superpixels(root: Path, camera_sizes: dict[str, tuple[int, int]]) -> list[Problem]:
-    """Every ``<root>/superpixels/<kind>/<token>.png``: a camera token, its image's size, ids in range."""
+#: Missing semantic maps are listed one per line up to this many, then counted (a partial
+#: directory of full nuScenes would otherwise print hundreds of thousands of lines).
+_MAX_LISTED_MISSING_MAPS = 20
+
+
+def _check_superpixels(root: Path, camera_sizes: dict[str, tuple[int, int]],
+                       keyframe_cameras: set[str]) -> list[Problem]:
+    """Every ``<root>/superpixels/<kind>/<token>.png``: a camera token, its image's size, ids in range.
+
+    The semantic maps are an input (made elsewhere), so each keyframe camera image needs one;
+    SLIC maps are a cache that pretraining fills, so missing ones are fine.
+    """
     problems: list[Problem] = []
     base = root / SUPERPIXELS_DIR
     for directory in sorted(d for d in base.iterdir() if d.is_dir()) if base.is_dir() else ():
+        relative = directory.relative_to(root)
         try:
             num_ids = read_superpixel_meta(directory)["num_ids"]
         except ValueError as exc:
-            problems.append(_problem_from(exc, directory / META_FILE))
+            problems.append(_problem_from(exc, directory / META_FILE, root))
             continue
-        for path in sorted(directory.glob("*.png")):
+        pngs = sorted(directory.glob("*.png"))
+        for path in pngs:
             size = camera_sizes.get(path.stem)
             if size is None:
-                problems.append(Problem(str(path), "not named after a camera sample_data token"))
+                problems.append(Problem(str(path.relative_to(root)), "not named after a camera sample_data token"))
                 continue
             try:
                 load_superpixels(path, num_ids, expected_size=size)
             except ValueError as exc:
-                problems.append(_problem_from(exc, path))
+                problems.append(_problem_from(exc, path, root))
+        if directory.name == SEMANTIC_KIND:
+            missing = sorted(keyframe_cameras - {path.stem for path in pngs})
+            problems += [Problem(str(relative / f"{token}.png"), f"missing semantic superpixel map of keyframe camera "
+                                 f"sample_data {token}") for token in missing[:_MAX_LISTED_MISSING_MAPS]]
+            if len(missing) > _MAX_LISTED_MISSING_MAPS:
+                problems.append(Problem(str(relative), f"{len(missing) - _MAX_LISTED_MISSING_MAPS} more keyframe camera "
+                                        f"images have no semantic superpixel map ({len(missing)} in all)"))
     return problems
 
 
-def _problem_from(exc: ValueError, path: Path) -> Problem:
-    """A :class:`Problem` from a reader's ``"<path>: <message>"`` error."""
-    return Problem(str(path), str(exc).removeprefix(f"{path}: "))
+def _problem_from(exc: ValueError, path: Path, root: Path) -> Problem:
+    """A :class:`Problem` at ``path`` relative to ``root`` from a reader's ``"<path>: <message>"`` error."""
+    return Problem(str(path.relative_to(root)), str(exc).removeprefix(f"{path}: "))
