@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ConfigError",
     "StrictModel",
     "RunConfig",
     "TrainerConfig",
+    "ParameterFreeze",
     "BenchmarkConfig",
     "ExistingPath",
     "load_config",
@@ -65,6 +67,24 @@ def _must_exist(path: Path) -> Path:
 ExistingPath = Annotated[Path, AfterValidator(_must_exist)]
 
 
+class ParameterFreeze(StrictModel):
+    """Parameters kept fixed at the start of training (DINO's ``freeze_last_layer``)."""
+
+    pattern: str = Field(
+        description="regular expression searched in the names of model.named_parameters(), e.g. 'last_layer'"
+    )
+    steps: int = Field(ge=1, description="first optimizer steps during which the matching parameters are not updated")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return pattern
+
+
 class TrainerConfig(StrictModel):
     """Options of :class:`accord.training.Trainer`, shared by every plugin's training tasks."""
 
@@ -74,11 +94,26 @@ class TrainerConfig(StrictModel):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(0.0, ge=0, description="final lr of the cosine schedule")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(
+        0.0, ge=0, description="weight decay (decoupled for adamw); the start value when weight_decay_end is set"
+    )
+    weight_decay_end: float | None = Field(
+        None, ge=0, description="weight decay at the last step, reached by a cosine from weight_decay (None: constant)"
+    )
+    weight_decay_exempt_1d: bool = Field(
+        False, description="no weight decay for biases and 1-D parameters such as norm scales (DINO, timm)"
+    )
     sgd_momentum: float = Field(0.9, ge=0, lt=1)
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip_norm: float | None = Field(None, gt=0)
+    grad_clip_norm: float | None = Field(None, gt=0, description="largest gradient norm (None: no clipping)")
+    grad_clip_mode: Literal["global", "per_tensor"] = Field(
+        "global",
+        description="global: one norm over all gradients; per_tensor: each parameter's gradient on its own (DINO)",
+    )
+    freeze_parameters: ParameterFreeze | None = Field(
+        None, description="parameters not updated during the first steps, e.g. DINO's prototypes (None: none)"
+    )
     precision: Literal["fp32", "bf16"] = "fp32"
     ema_momentum: float | None = Field(
         None, ge=0, le=1, description="start momentum of the EMA teacher (None: no teacher update)"

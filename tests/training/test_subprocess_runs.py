@@ -81,13 +81,26 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path: Path) -> None:
     assert _loss_history(victim) == _loss_history(reference)
 
 
+#: The DINO-style options (trainer overrides): frozen gradients are dropped after DDP's all-reduce.
+DINO_ARGS = (
+    "weight_decay=0.04",
+    "weight_decay_end=0.4",
+    "weight_decay_exempt_1d=true",
+    "grad_clip_mode=per_tensor",
+    r"freeze_parameters={pattern: '^student\.3\.', steps: 3}",
+)
+
+
 @pytest.mark.dist
-def test_two_rank_torchrun_matches_a_single_process_on_the_same_global_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("options", [(), DINO_ARGS], ids=["defaults", "dino_optimisation"])
+def test_two_rank_torchrun_matches_a_single_process_on_the_same_global_batch(
+    tmp_path: Path, options: tuple[str, ...]
+) -> None:
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    _run(_toy(single, "batch_size=8"))
+    _run(_toy(single, "batch_size=8", *options))
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone")
     # 8 = 2 ranks x 2 micro-batches x 2 samples: also exercises no_sync accumulation under DDP.
-    _run(_toy(ddp, "batch_size=8", "grad_accum_steps=2", launcher=torchrun), timeout=180)
+    _run(_toy(ddp, "batch_size=8", "grad_accum_steps=2", *options, launcher=torchrun), timeout=180)
 
     expected, distributed = _final(single, 12), _final(ddp, 12)
     assert distributed["world_size"] == 2 and len(distributed["rng"]) == 2

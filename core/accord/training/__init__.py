@@ -22,6 +22,7 @@ from accord.training.trainer import (
     micro_batch_size,
     setup_distributed,
     teardown_distributed,
+    weight_decay_at,
 )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "micro_batch_size",
     "learning_rate_at",
     "ema_momentum_at",
+    "weight_decay_at",
     "load_checkpoint",
     "export_weights",
     "load_weights",

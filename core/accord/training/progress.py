@@ -1,9 +1,9 @@
 """Training progress: console bar or log lines, ``metrics.jsonl``, TensorBoard, loss-curve PNG.
 
 Only the main rank (rank 0) prints or writes files. Each logged step appends one JSON line to
-``<run_dir>/metrics.jsonl`` with ``step``, ``lr``, every loss term, ``samples_per_s`` (global
-samples per second since the previous logged step) and ``time`` (Unix seconds), flushed at once so
-a killed run keeps every line it logged.
+``<run_dir>/metrics.jsonl`` with ``step``, ``lr``, ``weight_decay`` (only when it is scheduled),
+every loss term, ``samples_per_s`` (global samples per second since the previous logged step) and
+``time`` (Unix seconds), flushed at once so a killed run keeps every line it logged.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ __all__ = [
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVES_FILE = "loss_curves.png"
 #: Keys of a metrics record that are not loss terms (a model may not use them as term names).
-RESERVED_METRIC_KEYS = ("step", "lr", "samples_per_s", "time")
+RESERVED_METRIC_KEYS = ("step", "lr", "weight_decay", "samples_per_s", "time")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -153,8 +153,17 @@ class ProgressReporter:
         if sys.stdout.isatty():
             self._bar = _RichBar(max_steps, start_step)
 
-    def update(self, step: int, lr: float, terms: Mapping[str, float]) -> dict[str, Any] | None:
+    def update(
+        self, step: int, lr: float, terms: Mapping[str, float], weight_decay: float | None = None
+    ) -> dict[str, Any] | None:
         """Report that optimizer step ``step`` finished with these loss terms and learning rate.
+
+        Args:
+            step: optimizer steps completed.
+            lr: the learning rate the step used.
+            terms: the step's loss terms.
+            weight_decay: the scheduled weight decay the step used; ``None`` leaves it out of the
+                record (a constant one is not logged).
 
         Returns:
             The metrics record when this step is logged, else ``None``.
@@ -169,6 +178,7 @@ class ProgressReporter:
         record = {
             "step": step,
             "lr": lr,
+            **({"weight_decay": weight_decay} if weight_decay is not None else {}),
             **terms,
             "samples_per_s": self.global_batch_size * (step - self._window_start_step) / window,
             "time": time.time(),
@@ -191,8 +201,9 @@ class ProgressReporter:
             terms = " ".join(
                 f"{k}={_format_value(v)}" for k, v in record.items() if k not in RESERVED_METRIC_KEYS
             )
+            weight_decay = f" wd={record['weight_decay']:.3e}" if "weight_decay" in record else ""
             print(
-                f"step {record['step']}/{self.max_steps} {terms} lr={record['lr']:.3e} "
+                f"step {record['step']}/{self.max_steps} {terms} lr={record['lr']:.3e}{weight_decay} "
                 f"{record['samples_per_s']:.1f} samples/s eta {_format_duration(eta)}",
                 flush=True,
             )

@@ -3,7 +3,9 @@
 Contract: ``model.forward(batch)`` returns a dict of scalar loss tensors that includes ``"loss"``
 (the total that is back-propagated); every other term is only logged. If the model has
 ``momentum_update(momentum: float)``, it is called after every optimizer step with the EMA
-momentum of :func:`ema_momentum_at` (when ``config.ema_momentum`` is set). See docs/training.md.
+momentum of :func:`ema_momentum_at` (when ``config.ema_momentum`` is set). DINO-style optimisation
+(weight-decay exemptions and schedule, per-tensor clipping, frozen parameters) is opt-in through
+:class:`~accord.config.TrainerConfig`. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +56,12 @@ __all__ = [
     "micro_batch_size",
     "learning_rate_at",
     "ema_momentum_at",
+    "weight_decay_at",
+    "parameter_groups",
     "build_optimizer",
     "build_scheduler",
+    "clip_gradients",
+    "frozen_parameters",
 ]
 
 log = logging.getLogger(__name__)
@@ -168,6 +175,11 @@ def learning_rate_at(step: int, config: TrainerConfig) -> float:
     return config.lr
 
 
+def _cosine_over_steps(step: int, config: TrainerConfig, first: float, last: float) -> float:
+    """Cosine from ``first`` at optimizer step 0 to ``last`` at the last step (``max_steps - 1``)."""
+    return cosine_schedule(step, max(1, config.max_steps - 1), first, last)
+
+
 def ema_momentum_at(step: int, config: TrainerConfig) -> float:
     """EMA momentum for the update after optimizer step ``step`` (0-based).
 
@@ -178,22 +190,98 @@ def ema_momentum_at(step: int, config: TrainerConfig) -> float:
     """
     if config.ema_momentum is None:
         raise ValueError("trainer.ema_momentum is not set, so there is no EMA momentum schedule")
-    return cosine_schedule(step, max(1, config.max_steps - 1), config.ema_momentum, config.ema_momentum_end)
+    return _cosine_over_steps(step, config, config.ema_momentum, config.ema_momentum_end)
+
+
+def weight_decay_at(step: int, config: TrainerConfig) -> float:
+    """Weight decay of the decayed parameter group in optimizer step ``step`` (0-based).
+
+    Cosine from ``weight_decay`` (first step) to ``weight_decay_end`` (last step, ``max_steps - 1``),
+    as DINO's per-iteration schedule; constant ``weight_decay`` when ``weight_decay_end`` is unset.
+    """
+    if config.weight_decay_end is None:
+        return config.weight_decay
+    return _cosine_over_steps(step, config, config.weight_decay, config.weight_decay_end)
+
+
+def _exempt_from_weight_decay(name: str, parameter: nn.Parameter) -> bool:
+    # DINO's and timm's rule: biases and 1-D tensors (norm scales and shifts) are not decayed.
+    return parameter.ndim <= 1 or name.endswith(".bias")
+
+
+def parameter_groups(model: nn.Module, config: TrainerConfig) -> list[dict[str, Any]]:
+    """Optimizer parameter groups over the parameters that require gradients.
+
+    Group 0 holds the decayed parameters and follows :func:`weight_decay_at`; with
+    ``weight_decay_exempt_1d`` group 1 holds the biases and 1-D parameters with weight decay 0.
+    Group 0 always exists (possibly empty), so the schedule always knows which group it drives.
+
+    Raises:
+        ValueError: no parameter requires gradients.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no parameters with requires_grad=True to optimize")
+    if not config.weight_decay_exempt_1d:
+        return [{"params": [p for _, p in named]}]
+    exempt = [_exempt_from_weight_decay(name, p) for name, p in named]
+    return [
+        {"params": [p for (_, p), skip in zip(named, exempt) if not skip]},
+        {"params": [p for (_, p), skip in zip(named, exempt) if skip], "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(model: nn.Module, config: TrainerConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD over the parameters that require gradients (a frozen teacher is left out)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no parameters with requires_grad=True to optimize")
+    """AdamW or SGD over :func:`parameter_groups` (a frozen teacher is left out)."""
+    groups = parameter_groups(model, config)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` that follows :func:`learning_rate_at` (``TrainerConfig`` validated its ranges)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_at(step, config) / config.lr)
+
+
+def clip_gradients(parameters: list[nn.Parameter], max_norm: float, mode: str) -> None:
+    """Clip the gradients of ``parameters`` in place; parameters without a gradient are skipped.
+
+    Args:
+        parameters: the optimized parameters.
+        max_norm: the largest L2 norm kept.
+        mode: ``"global"`` scales all gradients together so that their joint norm is at most
+            ``max_norm``; ``"per_tensor"`` applies the same rule to each parameter's gradient on
+            its own, as DINO's ``clip_gradients``.
+    """
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        return
+    for parameter in parameters:
+        torch.nn.utils.clip_grad_norm_(parameter, max_norm)
+
+
+def frozen_parameters(model: nn.Module, config: TrainerConfig) -> list[nn.Parameter]:
+    """The trainable parameters that ``config.freeze_parameters`` keeps fixed (none when unset).
+
+    ``pattern`` is searched (:func:`re.search`) in the names of ``model.named_parameters()`` of the
+    model as passed to :meth:`Trainer.fit`, i.e. without DDP's ``module.`` prefix.
+
+    Raises:
+        ValueError: the pattern matches no parameter that requires gradients.
+    """
+    if config.freeze_parameters is None:
+        return []
+    pattern = re.compile(config.freeze_parameters.pattern)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    matched = [p for name, p in trainable if pattern.search(name)]
+    if not matched:
+        examples = ", ".join(name for name, _ in trainable[:5])
+        raise ValueError(
+            f"trainer.freeze_parameters.pattern {pattern.pattern!r} matches no trainable parameter of "
+            f"{type(model).__name__} (names look like: {examples})"
+        )
+    return matched
 
 
 # --- the trainer -----------------------------------------------------------------------------------
@@ -298,9 +386,11 @@ class Trainer:
 
     def _warn_config_changes(self, path: Path, saved: Mapping[str, Any]) -> None:
         current = self.config.model_dump(mode="json")
-        changed = [k for k in current if k != "resume" and saved.get(k) != current[k]]
+        # Options added to TrainerConfig after the checkpoint was written count as their defaults.
+        previous = {**TrainerConfig.model_construct().model_dump(mode="json"), **saved}
+        changed = [k for k in current if k != "resume" and previous.get(k) != current[k]]
         if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+            details = ", ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed)
             log.warning("resuming from %s with a changed trainer config (%s)", path, details)
 
     def _fit(
@@ -325,6 +415,14 @@ class Trainer:
 
         model.to(context.device)
         optimizer = build_optimizer(model, cfg)
+        frozen = frozen_parameters(model, cfg)
+        if frozen and cfg.freeze_parameters.steps >= cfg.max_steps and context.is_main:
+            log.warning(
+                "trainer.freeze_parameters.steps (%d) >= max_steps (%d): the %d matching parameters are never updated",
+                cfg.freeze_parameters.steps,
+                cfg.max_steps,
+                len(frozen),
+            )
         scheduler = build_scheduler(optimizer, cfg)
         data = BatchStream(
             dataset,
@@ -370,17 +468,17 @@ class Trainer:
                 terms = self._accumulate_gradients(train_model, optimizer, data, context)
                 if not all(math.isfinite(v) for v in terms.values()):
                     raise NonFiniteLossError(step + 1, terms, last_checkpoint)
-                if cfg.grad_clip_norm is not None:
-                    trained = [p for group in optimizer.param_groups for p in group["params"]]
-                    torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip_norm)
-                lr = optimizer.param_groups[0]["lr"]
+                self._prepare_update(step, optimizer, frozen)
+                decayed_group = optimizer.param_groups[0]
+                lr, weight_decay = decayed_group["lr"], decayed_group["weight_decay"]
                 optimizer.step()
                 scheduler.step()
                 if has_momentum_update:
                     with torch.no_grad():
                         model.momentum_update(ema_momentum_at(step, cfg))
                 step += 1
-                reporter.update(step, lr, terms)
+                scheduled = cfg.weight_decay_end is not None
+                reporter.update(step, lr, terms, weight_decay=weight_decay if scheduled else None)
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                     last_checkpoint = self._save(step, model, optimizer, scheduler, data, context)
             finished = True
@@ -417,7 +515,13 @@ class Trainer:
             log.info("resuming from %s (step %d)", path, state["step"])
             self._warn_config_changes(path, state["config"])
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:
+            raise CheckpointError(
+                f"{path}: its optimizer state does not fit this run's parameter groups ({exc}); "
+                "was trainer.weight_decay_exempt_1d or the model changed?"
+            ) from None
         scheduler.load_state_dict(state["scheduler"])
         data.seek(**state["data_position"])
         if state["world_size"] == context.world_size:
@@ -432,6 +536,22 @@ class Trainer:
                 context.world_size,
             )
             seed_everything(derive_seed(self.config.seed, context.rank, state["step"]))
+
+    def _prepare_update(self, step: int, optimizer: torch.optim.Optimizer, frozen: list[nn.Parameter]) -> None:
+        """Apply the freeze, the gradient clipping and the weight decay of optimizer step ``step`` (0-based)."""
+        cfg = self.config
+        if frozen and step < cfg.freeze_parameters.steps:
+            # No gradient (rather than a zero one) makes the optimizer skip these parameters
+            # entirely: no weight decay and no moment updates either. Dropped before clipping so
+            # that they do not count in a global norm.
+            for parameter in frozen:
+                parameter.grad = None
+        if cfg.grad_clip_norm is not None:
+            trained = [p for group in optimizer.param_groups for p in group["params"]]
+            clip_gradients(trained, cfg.grad_clip_norm, cfg.grad_clip_mode)
+        # Set on every step, also without a schedule, so a resumed run follows the current config
+        # rather than the group value stored in its checkpoint.
+        optimizer.param_groups[0]["weight_decay"] = weight_decay_at(step, cfg)
 
     def _accumulate_gradients(
         self,

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
-from accord.config import BenchmarkConfig, TrainerConfig, save_resolved
+from accord.config import BenchmarkConfig, ParameterFreeze, TrainerConfig, save_resolved
 from accord.report import markdown_table, seed_table
 from accord.training import Trainer
 from accord_medssl.alice import AliceModel, AliceOptions
@@ -49,6 +49,8 @@ from accord_medssl.views import (
 
 __all__ = [
     "ALICE_EMA_MOMENTUM",
+    "ALICE_PROTOTYPES",
+    "ALICE_TRAINER_DEFAULTS",
     "AlicePretraining",
     "EvaluateConfig",
     "FinetuneConfig",
@@ -63,6 +65,20 @@ __all__ = [
 
 #: Start of Alice's cosine EMA schedule (to 1 at the last step), the reference's ``momentum_teacher``.
 ALICE_EMA_MOMENTUM = 0.996
+#: Matches the parameter names of the student's prototype layers (DINO's ``last_layer``, both heads).
+ALICE_PROTOTYPES = r"^student\.(pooled|token)_head\.last_layer\."
+#: The reference's DINO-style optimisation (medssl §1.9), for the trainer fields an alice config does
+#: not set. The prototypes stay fixed for the first 31 steps: the reference freezes them for its
+#: first epoch, 2,000 CTs at global batch 64 = 31 optimizer steps, the same epoch-to-step conversion
+#: as ``teacher_temperature_warmup_steps`` (940 = 30 epochs).
+ALICE_TRAINER_DEFAULTS: dict[str, Any] = {
+    "weight_decay": 0.04,
+    "weight_decay_end": 0.4,
+    "weight_decay_exempt_1d": True,
+    "grad_clip_norm": 3.0,
+    "grad_clip_mode": "per_tensor",
+    "freeze_parameters": ParameterFreeze(pattern=ALICE_PROTOTYPES, steps=31),
+}
 
 
 class PretrainConfig(VolumeRunConfig):
@@ -92,7 +108,9 @@ class PretrainConfig(VolumeRunConfig):
             grad_clip_norm=3.0,
             checkpoint_every=100,
         ),
-        description="optimisation; for alice an unset ema_momentum becomes 0.996 (cosine to ema_momentum_end 1)",
+        description="optimisation; for alice an unset ema_momentum becomes 0.996 (cosine to ema_momentum_end 1) "
+        "and unset fields take ALICE_TRAINER_DEFAULTS (weight decay 0.04 -> 0.4 without biases and norms, "
+        "per-tensor clip 3.0, prototypes frozen for 31 steps)",
     )
 
     @model_validator(mode="after")
@@ -100,8 +118,12 @@ class PretrainConfig(VolumeRunConfig):
         multiple = SIZE_MULTIPLE if self.method == "alice" else GLOBAL_STRIDE
         if any(size % multiple for size in self.crop_size):
             raise ValueError(f"crop_size {self.crop_size} must be multiples of {multiple} for method {self.method}")
-        if self.method == "alice" and self.trainer.ema_momentum is None:
-            self.trainer = self.trainer.model_copy(update={"ema_momentum": ALICE_EMA_MOMENTUM})
+        if self.method == "alice":
+            unset = {name: value for name, value in ALICE_TRAINER_DEFAULTS.items() if name not in self.trainer.model_fields_set}
+            if self.trainer.ema_momentum is None:  # None would mean no teacher updates at all
+                unset["ema_momentum"] = ALICE_EMA_MOMENTUM
+            if unset:
+                self.trainer = self.trainer.model_copy(update=unset)
         return self
 
 
@@ -189,7 +211,9 @@ QUICK = _Scale(
            "teacher_temperature_warmup_steps": 10},
     anatomy_embedding=AnatomyPretrainingOptions(model={"widths": (8, 16, 32), "fpn_dim": 16, "global_dim": 32, "local_dim": 32}),
     anatomy_trainer=TrainerConfig(max_steps=40, batch_size=2, lr=1e-3, warmup_steps=5, checkpoint_every=40, log_every=10),
+    # Prototypes frozen for one epoch of the 10 phantoms (5 steps), not the full-size 31 of 20 steps.
     alice_trainer=TrainerConfig(max_steps=20, batch_size=2, lr=5e-4, warmup_steps=5, grad_clip_norm=3.0, ema_momentum=0.99,
+                                freeze_parameters=ParameterFreeze(pattern=ALICE_PROTOTYPES, steps=5),
                                 checkpoint_every=20, log_every=10),
     finetune_trainer=TrainerConfig(max_steps=50, batch_size=1, lr=1e-3, warmup_steps=5, checkpoint_every=25, keep_last=1, log_every=25),
     split=SplitOptions(validation_fraction=0.2, test_fraction=0.3),

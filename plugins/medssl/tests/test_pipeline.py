@@ -100,3 +100,41 @@ def test_build_dataset_rejects_bad_arguments(msd_root: Path) -> None:
         build_dataset(labelled, cache="disk")
     with pytest.raises(ValueError, match="cache must be"):
         build_dataset(labelled, cache="ram")
+
+
+def _augmented(items: list[dict[str, str]], seed: int):
+    from monai.transforms import RandFlipd, RandSpatialCropd
+
+    augment = [RandSpatialCropd("image", roi_size=(8, 8, 8), random_size=False), RandFlipd("image", prob=0.5)]
+    return build_dataset(items, cache="memory", augment=augment, seed=seed)
+
+
+def test_augmentation_is_fixed_by_the_seed(msd_root: Path) -> None:
+    item = nifti_folder_items(msd_root / "imagesTs")[0]
+
+    def draws(seed: int) -> list[torch.Tensor]:
+        dataset = _augmented([item], seed)
+        return [dataset[0]["image"].as_tensor() for _ in range(4)]
+
+    first, again, other = draws(seed=0), draws(seed=0), draws(seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    assert not all(torch.equal(first[0], later) for later in first[1:])  # each access draws anew
+
+
+def test_dataloader_workers_and_epochs_draw_their_own_reproducible_augmentations(msd_root: Path) -> None:
+    # Four copies of one volume: identical crops would mean identical random streams.
+    dataset = _augmented(nifti_folder_items(msd_root / "imagesTs")[:1] * 4, seed=0)
+
+    def two_epochs(loader_seed: int) -> list[list[torch.Tensor]]:
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=1, num_workers=2, generator=torch.Generator().manual_seed(loader_seed),
+            collate_fn=lambda rows: rows[0]["image"].as_tensor(),
+        )
+        return [list(loader) for _ in range(2)]
+
+    first, again = two_epochs(5), two_epochs(5)
+    assert all(torch.equal(a, b) for epoch, rerun in zip(first, again) for a, b in zip(epoch, rerun))
+    epoch_1, epoch_2 = first
+    assert not torch.equal(epoch_1[0], epoch_1[1])  # indices 0 and 1 are read by different workers
+    assert not all(torch.equal(a, b) for a, b in zip(epoch_1, epoch_2))

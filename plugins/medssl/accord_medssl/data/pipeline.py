@@ -6,6 +6,12 @@ every access. The pipeline follows Alice's ``loader.py`` (window [-125, 225] HU 
 with two deliberate differences: the canonical frame is RAS rather than Alice's ``"RAI"`` (one
 documented frame for every method in this plugin), and resampling to a target spacing is
 available (Alice has none; pass ``spacing=None`` to be faithful).
+
+Random augmentation is reproducible from a seed: MONAI's random transforms draw from their own
+NumPy generators, which a ``Compose`` seeds from OS entropy unless told otherwise, and a
+``DataLoader`` worker works on a copy of the dataset, so unless reseeded every worker would repeat
+the same stream and every epoch the first one. :func:`build_dataset` seeds them from ``seed`` and
+reseeds them in each worker from that seed and the worker's own.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
     Spacingd,
 )
+from monai.utils import MAX_SEED
 
 __all__ = ["HU_WINDOW", "CacheMode", "preprocessing", "build_dataset"]
 
@@ -77,6 +84,35 @@ def preprocessing(
     return Compose(transforms)
 
 
+class _SeededCompose(Compose):
+    """A ``Compose`` whose random transforms follow ``seed``, reseeded in each ``DataLoader`` worker.
+
+    In the main process the transforms draw one stream from ``seed``. A worker process reseeds its
+    copy on first use from ``seed`` and ``get_worker_info().seed``, which PyTorch derives from the
+    loader's generator per worker and per epoch (the core trainer seeds that generator from the run
+    seed, rank and epoch), so workers and epochs differ and a rerun repeats them.
+
+    Args:
+        transforms: the transforms, as for ``Compose``.
+        seed: seed of the random transforms.
+    """
+
+    def __init__(self, transforms: Sequence[Callable], seed: int) -> None:
+        super().__init__(transforms)
+        self.seed = seed
+        self._seeded_for_worker: int | None = None
+        self.set_random_state(seed=seed)
+
+    def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
+        """``Compose.__call__``, after reseeding if this is the first call in a new worker."""
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.seed != self._seeded_for_worker:
+            self._seeded_for_worker = worker.seed
+            mixed = np.random.SeedSequence([self.seed % MAX_SEED, worker.seed]).generate_state(1)[0]
+            self.set_random_state(seed=int(mixed))
+        return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+
+
 def build_dataset(
     items: Sequence[dict[str, str]],
     cache: CacheMode = "disk",
@@ -86,6 +122,7 @@ def build_dataset(
     axcodes: str = "RAS",
     hu_window: tuple[float, float] | None = HU_WINDOW,
     augment: Sequence[Callable] = (),
+    seed: int = 0,
     num_workers: int = 0,
 ) -> Dataset:
     """A MONAI dataset over ``items`` that decodes each NIfTI only once when cached.
@@ -106,6 +143,9 @@ def build_dataset(
         hu_window: HU range mapped to [0, 1], or ``None`` (:func:`preprocessing`).
         augment: transforms applied after :func:`preprocessing` (crops, augmentation). MONAI caches
             everything up to the first random transform, so random ones run on every access.
+        seed: seed of the random ``augment`` transforms (pass the run seed); ``DataLoader`` workers
+            reseed from it and their worker seed. The generators' states are not part of a trainer
+            checkpoint, so a resumed run draws other augmentations than an uninterrupted one.
         num_workers: threads that fill a memory cache.
 
     Returns:
@@ -122,7 +162,7 @@ def build_dataset(
     steps = preprocessing(with_label=labelled == {True}, spacing=spacing, axcodes=axcodes, hu_window=hu_window)
     # One flat Compose: MONAI caches the leading non-random transforms of the top level only, and a
     # nested Compose counts as random, which would silently disable the cache.
-    transform = Compose([*steps.transforms, *augment])
+    transform = _SeededCompose([*steps.transforms, *augment], seed)
     if cache == "disk":
         if cache_dir is None:
             raise ValueError('cache="disk" needs cache_dir')
