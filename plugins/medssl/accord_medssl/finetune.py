@@ -180,11 +180,7 @@ def training_crops(cfg: FinetuneConfig, items: Sequence[dict[str, str]]) -> Data
         image_key="image",
         image_threshold=0.0,
     )
-    volumes = cfg.volumes(items, cfg.spacing, augment=[SpatialPadd(keys, cfg.crop_size), foreground_crops])
-    # MONAI's random transforms draw from their own NumPy generators, which its Compose seeds from
-    # OS entropy when built (unless monai.utils.set_determinism ran): seed them from the run.
-    volumes.transform.set_random_state(seed=cfg.seed)
-    return volumes
+    return cfg.volumes(items, cfg.spacing, augment=[SpatialPadd(keys, cfg.crop_size), foreground_crops])
 
 
 class SegmentationModel(nn.Module):

@@ -73,9 +73,10 @@ class VolumeRunConfig(RunConfig):
         augment: Sequence[Callable] = (),
     ) -> Dataset:
         """The data layer's cached dataset over ``items`` resampled to ``spacing`` (None: native grid),
-        with ``augment`` run after the cache."""
+        with ``augment`` run after the cache and seeded from the run ``seed``."""
         cache_dir = self.cache_dir if self.cache_dir is not None else self.run_dir / "cache"
-        return build_dataset(items, cache=self.cache, cache_dir=cache_dir, spacing=spacing, augment=augment)
+        return build_dataset(items, cache=self.cache, cache_dir=cache_dir, spacing=spacing, augment=augment,
+                             seed=self.seed)
 
 
 def pretraining_items(root: str | Path) -> list[dict[str, str]]:

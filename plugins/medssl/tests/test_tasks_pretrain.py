@@ -12,7 +12,15 @@ from torch.utils.data import default_collate
 
 from accord.config import ConfigError, validate_config
 from accord_medssl.anatomy import AnatomyEmbeddingModel, AnatomyEmbeddingOptions, crop_with_zero_padding
-from accord_medssl.tasks import ALICE_EMA_MOMENTUM, AlicePretraining, PretrainConfig, build_pretraining
+from accord_medssl.alice import AliceOptions
+from accord_medssl.tasks import (
+    ALICE_EMA_MOMENTUM,
+    ALICE_PROTOTYPES,
+    ALICE_TRAINER_DEFAULTS,
+    AlicePretraining,
+    PretrainConfig,
+    build_pretraining,
+)
 from accord_medssl.views import pretraining_items, volume_key
 
 REPO = Path(__file__).resolve().parents[3]
@@ -101,6 +109,28 @@ def test_alice_config_defaults_and_limits(msd_root: Path, tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="mining.anatomy_checkpoint: path does not exist"):
         build_pretraining(_config(msd_root, method="alice", mining={"anatomy_checkpoint": tmp_path / "nope.pt"}))
 
+
+
+def test_alice_gets_the_reference_optimisation_unless_the_config_sets_it(msd_root: Path, tmp_path: Path) -> None:
+    mining = {"embeddings": tmp_path}
+    trainer = _config(msd_root, method="alice", mining=mining).trainer
+    for name, value in ALICE_TRAINER_DEFAULTS.items():
+        assert getattr(trainer, name) == value, name
+    explicit = _config(msd_root, method="alice", mining=mining,
+                       trainer={"weight_decay_end": None, "grad_clip_mode": "global"}).trainer
+    assert explicit.weight_decay_end is None and explicit.grad_clip_mode == "global"
+    assert explicit.weight_decay_exempt_1d  # the fields left unset still get the defaults
+    anatomy = _config(msd_root, method="anatomy_embedding").trainer
+    assert anatomy.freeze_parameters is None and anatomy.grad_clip_mode == "global"
+
+
+def test_alice_prototype_pattern_matches_exactly_the_student_prototype_layers() -> None:
+    import re
+
+    names = [name for name, _ in AlicePretraining(AliceOptions(**TINY_ALICE)).named_parameters()]
+    frozen = {name for name in names if re.search(ALICE_PROTOTYPES, name)}
+    assert frozen and all(".last_layer." in name and name.startswith("student.") for name in frozen)
+    assert {name.split(".")[1] for name in frozen} == {"pooled_head", "token_head"}
 
 
 def test_pretraining_refuses_an_invalid_dataset_with_the_check_messages(only_medssl, msd_root: Path, tmp_path: Path) -> None:
