@@ -78,11 +78,15 @@ class ParameterFreeze(StrictModel):
     @field_validator("pattern")
     @classmethod
     def _compiles(cls, pattern: str) -> str:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from None
-        return pattern
+        return _valid_regex(pattern)
+
+
+def _valid_regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return pattern
 
 
 class TrainerConfig(StrictModel):
@@ -114,6 +118,11 @@ class TrainerConfig(StrictModel):
     freeze_parameters: ParameterFreeze | None = Field(
         None, description="parameters not updated during the first steps, e.g. DINO's prototypes (None: none)"
     )
+    lr_multipliers: dict[str, float] = Field(
+        default_factory=dict,
+        description="regular expression searched in parameter names -> factor on the learning rate of the matching "
+        "parameters (first matching pattern wins), e.g. {'^head\\.': 10} for a 10x head lr",
+    )
     precision: Literal["fp32", "bf16"] = "fp32"
     ema_momentum: float | None = Field(
         None, ge=0, le=1, description="start momentum of the EMA teacher (None: no teacher update)"
@@ -128,6 +137,18 @@ class TrainerConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     tensorboard: bool = False
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+    @field_validator("lr_multipliers")
+    @classmethod
+    def _multipliers_are_positive_with_valid_patterns(cls, multipliers: dict[str, float]) -> dict[str, float]:
+        for pattern, factor in multipliers.items():
+            try:
+                _valid_regex(pattern)
+            except ValueError as exc:
+                raise ValueError(f"{pattern!r}: {exc}") from None
+            if not factor > 0:
+                raise ValueError(f"{pattern!r}: the learning-rate multiplier must be > 0, got {factor}")
+        return multipliers
 
     @model_validator(mode="after")
     def _schedule_is_consistent(self) -> "TrainerConfig":

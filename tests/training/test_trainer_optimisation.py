@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from accord.config import ConfigError, TrainerConfig, validate_config
-from accord.training import CheckpointError, Trainer, load_checkpoint, weight_decay_at
+from accord.training import CheckpointError, Trainer, learning_rate_at, load_checkpoint, weight_decay_at
 from accord.training.trainer import clip_gradients, parameter_groups
 
 _spec = importlib.util.spec_from_file_location("toy_train", Path(__file__).with_name("toy_train.py"))
@@ -194,3 +194,39 @@ def test_resuming_into_different_parameter_groups_is_a_clear_error(tmp_path: Pat
     _fit(tmp_path, max_steps=4)
     with pytest.raises(CheckpointError, match=r"step_00000004.pt: its optimizer state does not fit .*trainer.weight_decay_exempt_1d"):
         _fit(tmp_path, max_steps=8, weight_decay_exempt_1d=True)
+
+
+def test_lr_multipliers_scale_the_step_of_matching_parameters_under_the_schedule(tmp_path: Path) -> None:
+    lr, steps = 0.1, 3
+    model = _LinearLoss()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = TrainerConfig(max_steps=steps, batch_size=2, lr=lr, min_lr=0.01, optimizer="sgd", sgd_momentum=0.0,
+                           lr_multipliers={r"^net\.2\.": 10.0, r"\.bias$": 0.5}, device="cpu")
+    Trainer(config, tmp_path).fit(model, torch.utils.data.TensorDataset(torch.zeros(4, 1)))
+    # Plain SGD on a linear loss: each parameter moves by -(sum of the scheduled lrs) * multiplier * gradient.
+    scheduled = sum(learning_rate_at(step, config) for step in range(steps))
+    assert scheduled < steps * lr  # the cosine does decay
+    multipliers = {"net.0.weight": 1.0, "net.0.bias": 0.5, "net.1.weight": 1.0, "net.1.bias": 0.5, "net.2.weight": 10.0}
+    for (name, p), gradient in zip(model.named_parameters(), model.coefficients):
+        torch.testing.assert_close(p.detach(), before[name] - scheduled * multipliers[name] * gradient,
+                                   rtol=1e-5, atol=1e-6, msg=name)
+    # The logged lr is group 0's: the base rate.
+    assert _metrics(tmp_path)[-1]["lr"] == pytest.approx(learning_rate_at(steps - 1, config))
+
+
+def test_lr_multiplier_groups_combine_with_decay_exemptions() -> None:
+    model = _LinearLoss()
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = parameter_groups(model, TrainerConfig(lr=1.0, weight_decay_exempt_1d=True, lr_multipliers={"^net\\.2": 3}))
+    described = [(g["lr"], g.get("weight_decay"), [names[id(p)] for p in g["params"]]) for g in groups]
+    assert described == [(1.0, None, ["net.0.weight"]), (1.0, 0.0, ["net.0.bias", "net.1.weight", "net.1.bias"]),
+                         (3.0, None, ["net.2.weight"])]
+
+
+def test_lr_multiplier_errors_name_the_pattern(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"lr_multipliers: 'head\(': not a valid regular expression"):
+        validate_config(TrainerConfig, {"lr_multipliers": {"head(": 2}}, "cfg.yaml")
+    with pytest.raises(ConfigError, match=r"lr_multipliers: 'head': the learning-rate multiplier must be > 0"):
+        validate_config(TrainerConfig, {"lr_multipliers": {"head": 0}}, "cfg.yaml")
+    with pytest.raises(ValueError, match=r"trainer.lr_multipliers: '\^head' matches no trainable parameter"):
+        parameter_groups(_LinearLoss(), TrainerConfig(lr_multipliers={"^head": 2}))

@@ -209,26 +209,47 @@ def _exempt_from_weight_decay(name: str, parameter: nn.Parameter) -> bool:
     return parameter.ndim <= 1 or name.endswith(".bias")
 
 
+#: Key of the optimizer groups whose weight decay is 0 by ``weight_decay_exempt_1d``. Checkpoints keep
+#: it; groups saved before it existed were all decayed, hence ``group.get(key, False)``.
+EXEMPT_FROM_DECAY = "exempt_from_weight_decay"
+
+
+def _first_matching_multiplier(name: str, multipliers: Mapping[str, float]) -> float:
+    return next((factor for pattern, factor in multipliers.items() if re.search(pattern, name)), 1.0)
+
+
 def parameter_groups(model: nn.Module, config: TrainerConfig) -> list[dict[str, Any]]:
     """Optimizer parameter groups over the parameters that require gradients.
 
-    Group 0 holds the decayed parameters and follows :func:`weight_decay_at`; with
-    ``weight_decay_exempt_1d`` group 1 holds the biases and 1-D parameters with weight decay 0.
-    Group 0 always exists (possibly empty), so the schedule always knows which group it drives.
+    One group per (learning-rate multiplier, weight-decay exemption) that occurs. Group 0 always
+    exists (possibly empty): the decayed parameters at the base learning rate, whose ``lr`` and
+    ``weight_decay`` the metrics report. A group's ``lr`` is ``config.lr`` times the
+    ``lr_multipliers`` factor of its parameters, so the schedule scales every group alike; the
+    decayed groups follow :func:`weight_decay_at`, the exempt ones (``weight_decay_exempt_1d``:
+    biases and 1-D parameters) keep weight decay 0.
 
     Raises:
-        ValueError: no parameter requires gradients.
+        ValueError: no parameter requires gradients, or an ``lr_multipliers`` pattern matches none.
     """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no parameters with requires_grad=True to optimize")
-    if not config.weight_decay_exempt_1d:
-        return [{"params": [p for _, p in named]}]
-    exempt = [_exempt_from_weight_decay(name, p) for name, p in named]
-    return [
-        {"params": [p for (_, p), skip in zip(named, exempt) if not skip]},
-        {"params": [p for (_, p), skip in zip(named, exempt) if skip], "weight_decay": 0.0},
-    ]
+    for pattern in config.lr_multipliers:
+        if not any(re.search(pattern, name) for name, _ in named):
+            examples = ", ".join(name for name, _ in named[:5])
+            raise ValueError(f"trainer.lr_multipliers: {pattern!r} matches no trainable parameter of "
+                             f"{type(model).__name__} (names look like: {examples})")
+    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, False): []}
+    for name, parameter in named:
+        exempt = config.weight_decay_exempt_1d and _exempt_from_weight_decay(name, parameter)
+        grouped.setdefault((_first_matching_multiplier(name, config.lr_multipliers), exempt), []).append(parameter)
+    groups = []
+    for (multiplier, exempt), parameters in grouped.items():
+        group: dict[str, Any] = {"params": parameters, "lr": config.lr * multiplier}
+        if exempt:
+            group.update({"weight_decay": 0.0, EXEMPT_FROM_DECAY: True})
+        groups.append(group)
+    return groups
 
 
 def build_optimizer(model: nn.Module, config: TrainerConfig) -> torch.optim.Optimizer:
@@ -551,7 +572,10 @@ class Trainer:
             clip_gradients(trained, cfg.grad_clip_norm, cfg.grad_clip_mode)
         # Set on every step, also without a schedule, so a resumed run follows the current config
         # rather than the group value stored in its checkpoint.
-        optimizer.param_groups[0]["weight_decay"] = weight_decay_at(step, cfg)
+        weight_decay = weight_decay_at(step, cfg)
+        for group in optimizer.param_groups:
+            if not group.get(EXEMPT_FROM_DECAY, False):
+                group["weight_decay"] = weight_decay
 
     def _accumulate_gradients(
         self,
