@@ -30,6 +30,7 @@ model = dict(
         channels=96,
         num_classes=16,
         dropout_ratio=0,
+        # MinkUNetHead takes a single loss; accord's `finetune` task trains SuperFlow's CE + 2 x Lovasz.
         loss_decode=dict(type='mmdet.CrossEntropyLoss', avg_non_ignore=True),
         ignore_index=16),
     train_cfg=dict(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -76,7 +77,9 @@ def seed_table(
         stats = [next(r for r in summary if r[group] == g and r[series] == s) for g in groups]
         ax.bar([x + i * width for x in range(len(groups))], [r["mean"] for r in stats], width,
                yerr=[r["std"] for r in stats], capsize=3, label=str(s))
-    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(groups))], [str(g) for g in groups])
+    # Long group names (e.g. "fine-tuning 25% + temporal voting") wrap instead of overlapping.
+    labels = [textwrap.fill(str(g), width=16) for g in groups]
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(groups))], labels)
     ax.set_xlabel(group)
     ax.set_ylabel(metric)
     ax.set_title(title)

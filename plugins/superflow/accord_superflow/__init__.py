@@ -1,7 +1,8 @@
 """accord-superflow: SuperFlow LiDAR-camera cross-modal pretraining as an accord plugin.
 
-This release holds the nuScenes data layer (:mod:`accord_superflow.data`); the hooks are in
-:mod:`accord_superflow.plugin`.
+The nuScenes data layer is :mod:`accord_superflow.data`, pretraining :mod:`accord_superflow.pretrain`,
+the downstream segmentation :mod:`accord_superflow.finetune` / :mod:`accord_superflow.evaluate`; the
+tasks are listed in :mod:`accord_superflow.tasks` and the hooks are in :mod:`accord_superflow.plugin`.
 """
 
 __version__ = "0.1.0"

@@ -21,7 +21,8 @@ def plugin_info() -> dict[str, str]:
     return {
         "domain": "autonomous driving (LiDAR + camera)",
         "description": "SuperFlow spatiotemporal LiDAR-camera distillation on nuScenes: data layer, MinkUNet-34 "
-                       "pretraining from DINOv2, mmdet3d export",
+                       "pretraining from DINOv2, lidarseg fine-tuning / linear probing / evaluation with "
+                       "SuperFlow++-style temporal voting, mmdet3d export, quick benchmark",
     }
 
 

@@ -53,6 +53,8 @@ __all__ = [
     "NUM_FRAMES",
     "CLOUD_FRAMES",
     "AugmentationConfig",
+    "PointAugmentationConfig",
+    "augment_points",
     "PretrainDataConfig",
     "PretrainSample",
     "SuperFlowPretrainDataset",
@@ -69,16 +71,15 @@ NUM_FRAMES = 3
 CLOUD_FRAMES = (0, 1, 2, 0)
 
 
-class AugmentationConfig(StrictModel):
-    """SuperFlow's pretraining augmentations (``configs/_base_/datasets/nuscenes_pretrain.py``)."""
+class PointAugmentationConfig(StrictModel):
+    """Random flips, yaw rotation and scale of a cloud (mmdet3d ``RandomFlip3D`` + ``GlobalRotScaleTrans``)."""
 
     flip_probability: float = Field(0.5, ge=0, le=1, description="flip y (and, independently, x) of a cloud")
     rotation_range: tuple[float, float] = Field((0.0, float(np.pi)), description="yaw in radians, uniform")
     scale_range: tuple[float, float] = Field((0.95, 1.05), description="isotropic scale, uniform")
-    image_flip_probability: float = Field(0.5, ge=0, le=1, description="horizontal flip, per image")
 
     @model_validator(mode="after")
-    def _ranges_are_ordered(self) -> AugmentationConfig:
+    def _ranges_are_ordered(self) -> PointAugmentationConfig:
         for name in ("rotation_range", "scale_range"):
             low, high = getattr(self, name)
             if low > high:
@@ -86,6 +87,12 @@ class AugmentationConfig(StrictModel):
         if self.scale_range[0] <= 0:
             raise ValueError(f"scale_range: must be positive, got {self.scale_range}")
         return self
+
+
+class AugmentationConfig(PointAugmentationConfig):
+    """SuperFlow's pretraining augmentations (``configs/_base_/datasets/nuscenes_pretrain.py``)."""
+
+    image_flip_probability: float = Field(0.5, ge=0, le=1, description="horizontal flip, per image")
 
 
 class PretrainDataConfig(StrictModel):
@@ -145,8 +152,8 @@ def load_lidar_points(path: str | Path) -> np.ndarray:
     return raw.reshape(-1, POINT_DIMS)[:, :4].copy()
 
 
-def _augment_points(points: np.ndarray, options: AugmentationConfig, rng: np.random.Generator) -> np.ndarray:
-    """Random flips of y and x, yaw rotation and isotropic scale (``RandomFlip3D`` + ``GlobalRotScaleTrans``)."""
+def augment_points(points: np.ndarray, options: PointAugmentationConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random flips of y and x, yaw rotation and isotropic scale of ``(N, C)`` points (columns 3.. kept)."""
     xyz = points[:, :3].astype(np.float64)
     if rng.random() < options.flip_probability:
         xyz[:, 1] = -xyz[:, 1]
@@ -221,7 +228,7 @@ class SuperFlowPretrainDataset(Dataset):
             frame = frames[frame_slot]
             cameras = [frame.cameras[c] for c in channels]
             pairs.append(self._pairs(cloud, frame, cameras, flips[frame_slot]))
-        clouds = [_augment_points(cloud, self.options.augmentation, rng) for cloud in raw_clouds]
+        clouds = [augment_points(cloud, self.options.augmentation, rng) for cloud in raw_clouds]
         return PretrainSample(cameras=channels, clouds=clouds, pairs=pairs, images=np.stack(images),
                               superpixels=np.stack(superpixels))
 

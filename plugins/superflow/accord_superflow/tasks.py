@@ -1,16 +1,23 @@
 """Runnable tasks of the ``superflow`` plugin and their configs.
 
-Registered (``accord run CONFIG`` with ``plugin: superflow``):
+Registered (``accord run CONFIG`` with ``plugin: superflow``; configs under ``configs/superflow/``):
 
-* ``pretrain``: SuperFlow pretraining of MinkUNet-34 on nuScenes (:func:`pretrain`).
+* ``pretrain``: SuperFlow pretraining of MinkUNet-34 on nuScenes (:func:`pretrain`);
+* ``finetune``: LiDAR segmentation on the 16 nuScenes-lidarseg classes from the ``backbone_3d.*``
+  weights of a pretraining checkpoint (or random init), SLidR label fractions, and linear probing
+  with ``linear_probe: true`` (:mod:`accord_superflow.finetune`);
+* ``evaluate``: point per-class IoU / mIoU of fine-tuned weights by mmdet3d's ``seg_eval``, the
+  devkit's ``LidarSegEval`` as a check, optional SuperFlow++-style temporal voting
+  (:mod:`accord_superflow.evaluate`, :mod:`accord_superflow.voting`);
+* ``benchmark`` (``accord benchmark superflow [--quick] [--data DIR]``): pretraining, then linear
+  probing and low-label fine-tuning from SuperFlow vs random init over seeds
+  (:mod:`accord_superflow.downstream_benchmark`); ``accord demo`` runs its ``--quick`` version.
 
-Downstream tasks (``finetune``, ``evaluate`` / linear probing, SuperFlow++ temporal voting and the
-``benchmark`` task) are not written yet. To add one, write ``run(config) -> dict`` with a
-:class:`accord.config.RunConfig` subclass (a ``trainer: TrainerConfig`` section for training,
-:class:`accord.config.BenchmarkConfig` for ``benchmark``) and append a :class:`TaskSpec` to
-:data:`TASKS`; ``plugin.register_tasks`` registers everything listed there. Pretrained weights
-are the ``backbone_3d.*`` entries of a pretraining checkpoint (``SFMinkUNetBackbone`` keys); the
-``mmdet3d`` exporter and ``configs/superflow/minkunet34_seg.py`` give the mmdet3d segmentor route.
+To add a task, write ``run(config) -> dict`` with a :class:`accord.config.RunConfig` subclass (a
+``trainer: TrainerConfig`` section for training, :class:`accord.config.BenchmarkConfig` for
+benchmarks) and append a :class:`TaskSpec` to :data:`TASKS`; ``plugin.register_tasks`` registers
+everything listed there. The ``mmdet3d`` exporter and ``configs/superflow/minkunet34_seg.py`` give
+the mmdet3d segmentor route for pretrained weights.
 """
 
 from __future__ import annotations
@@ -22,10 +29,14 @@ from typing import Any, NamedTuple
 from pydantic import model_validator
 
 from accord.config import RunConfig, TrainerConfig
+from accord_superflow.downstream_benchmark import SuperFlowBenchmarkConfig, benchmark
+from accord_superflow.evaluate import EvaluateConfig, evaluate
+from accord_superflow.finetune import FinetuneConfig, finetune
 from accord_superflow.losses import SuperFlowLossConfig
 from accord_superflow.pretrain import PretrainDataConfig, SuperFlowModelConfig
 
-__all__ = ["PretrainConfig", "TaskSpec", "TASKS", "pretrain"]
+__all__ = ["EvaluateConfig", "FinetuneConfig", "PretrainConfig", "SuperFlowBenchmarkConfig", "TaskSpec", "TASKS",
+           "benchmark", "evaluate", "finetune", "pretrain"]
 
 log = logging.getLogger(__name__)
 
@@ -96,4 +107,13 @@ TASKS: list[TaskSpec] = [
     TaskSpec("pretrain", pretrain, PretrainConfig,
              "SuperFlow pretraining: MinkUNet-34 from frozen DINOv2 over superpixels (spatial, dense-to-sparse, "
              "temporal contrast)"),
+    TaskSpec("finetune", finetune, FinetuneConfig,
+             "LiDAR segmentation (16 nuScenes-lidarseg classes) from a SuperFlow backbone or random init: "
+             "label fractions, CE + 2 x Lovasz, linear_probe with a fully frozen backbone"),
+    TaskSpec("evaluate", evaluate, EvaluateConfig,
+             "per-class IoU / mIoU on points (mmdet3d seg_eval; devkit LidarSegEval check), optional "
+             "SuperFlow++-style temporal voting"),
+    TaskSpec("benchmark", benchmark, SuperFlowBenchmarkConfig,
+             "pretrain, then linear probing and low-label fine-tuning from SuperFlow vs random init over seeds "
+             "(--quick: minutes on CPU)"),
 ]

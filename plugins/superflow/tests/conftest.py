@@ -51,3 +51,37 @@ def _tiny_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_root(_tiny_template: Path, tmp_path: Path) -> Path:
     """A fresh copy of a very small synthetic dataset that the test may damage."""
     return Path(shutil.copytree(_tiny_template, tmp_path / "data"))
+
+
+#: A small MinkUNet with every stage, for checkpoints that tests fine-tune from.
+PRETRAIN_TINY_BACKBONE = {"base_channels": 4, "encoder_channels": [4, 4, 8, 8], "encoder_blocks": [1, 1, 1, 1],
+                          "decoder_channels": [8, 8, 4, 4], "decoder_blocks": [1, 1, 1, 1]}
+
+
+@pytest.fixture(scope="session")
+def superflow_checkpoint(_tiny_template: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``{"path", "backbone"}``: a SuperFlow pretraining checkpoint after one step and its backbone options."""
+    from accord.config import TrainerConfig
+    from accord.training import Trainer
+    from accord_superflow.losses import SuperFlowLossConfig
+    from accord_superflow.models import BackboneConfig, TeacherConfig
+    from accord_superflow.pretrain import (
+        PretrainDataConfig,
+        SuperFlowModelConfig,
+        SuperFlowPretrainDataset,
+        build_superflow,
+        collate_pretrain,
+    )
+
+    work = tmp_path_factory.mktemp("pretrained")
+    dataset = SuperFlowPretrainDataset(PretrainDataConfig(root=_tiny_template, version="v1.0-mini",
+                                                          split="mini_train", image_size=(28, 56),
+                                                          cache_dir=work / "index"))
+    torch.manual_seed(0)
+    model = build_superflow(SuperFlowModelConfig(backbone=BackboneConfig(**PRETRAIN_TINY_BACKBONE),
+                                                 teacher=TeacherConfig(random_width=16, random_layers=1),
+                                                 embed_dim=8, voxel_size=(0.3, 3.0, 0.3)),
+                            SuperFlowLossConfig(), dataset.groups_per_sample)
+    result = Trainer(TrainerConfig(max_steps=1, batch_size=2, schedule="constant"), work / "run").fit(
+        model, dataset, collate_pretrain)
+    return {"path": Path(result["checkpoint"]), "backbone": PRETRAIN_TINY_BACKBONE}
