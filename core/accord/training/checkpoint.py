@@ -67,8 +67,11 @@ _NAME = re.compile(r"^step_(\d+)\.pt$")
 _TEMP_SUFFIX = ".tmp"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable, unsafe or not an accord checkpoint."""
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, unsafe or not an accord checkpoint.
+
+    A ``ValueError`` (bad input), so the CLI and tasks report it as one line naming the file.
+    """
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:

@@ -31,7 +31,7 @@ import torch
 from monai.networks.nets import SwinUNETR
 
 from accord.config import read_yaml
-from accord.training import CheckpointError, load_checkpoint
+from accord.training import load_checkpoint
 from accord.training.checkpoint import write_atomically
 from accord_medssl.alice import AliceOptions
 from accord_medssl.models import SwinUNETRBackboneOptions, monai_state_dict
@@ -81,14 +81,6 @@ def pretraining_options(checkpoint: str | Path, method: str) -> dict[str, Any]:
     return dict(config.get(method) or {})
 
 
-def _load(checkpoint: str | Path) -> dict[str, Any]:
-    # The CLI prints ValueErrors as one line; CheckpointError is a RuntimeError.
-    try:
-        return load_checkpoint(checkpoint)
-    except CheckpointError as exc:
-        raise ValueError(str(exc)) from None
-
-
 def alice_backbone(
     checkpoint: str | Path, weights: Literal["student", "teacher"] = "student", drop_output_layer: bool = False
 ) -> tuple[SwinUNETRBackboneOptions, dict[str, torch.Tensor], int]:
@@ -109,7 +101,7 @@ def alice_backbone(
         ValueError: not an Alice checkpoint or no config.yaml beside it.
     """
     options = AliceOptions.model_validate(pretraining_options(checkpoint, "alice")).backbone
-    state = _load(checkpoint)
+    state = load_checkpoint(checkpoint)
     try:
         return options, monai_state_dict(state["model"], ALICE_BACKBONE_PREFIXES[weights], drop_output_layer), state["step"]
     except ValueError as exc:

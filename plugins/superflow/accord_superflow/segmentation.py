@@ -284,13 +284,10 @@ def load_pretrained_backbone(backbone: nn.Module, checkpoint: str | Path) -> dic
         ValueError: the file is not a readable accord checkpoint, holds no SuperFlow backbone, or
             its backbone does not have ``backbone``'s architecture.
     """
-    from accord.training import CheckpointError, load_checkpoint
+    from accord.training import load_checkpoint
     from accord_superflow.export import backbone_state_dict
 
-    try:
-        state = load_checkpoint(checkpoint)
-    except CheckpointError as exc:
-        raise ValueError(str(exc)) from None
+    state = load_checkpoint(checkpoint)
     weights = backbone_state_dict(state["model"], prefix_to="")
     try:
         backbone.load_state_dict(weights, strict=True)
