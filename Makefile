@@ -22,8 +22,10 @@ $(BIN)/python:
 OPENMMLAB := mmengine==0.10.7 mmdet==3.3.0 mmdet3d==1.4.0
 OPENMMLAB_DEPS := "numpy<2" addict yapf termcolor terminaltables six tqdm numba
 NEEDS_OPENMMLAB := $(filter superflow,$(PLUGINS))
-# Extras per plugin directory (the CPU build of spconv for superflow).
+# Extras per plugin directory: the CPU build of spconv for superflow; nilearn (the MNI152 template,
+# real anatomy for the anatomy-matching tests and benchmark) for medssl.
 EXTRAS_superflow := [spconv-cpu]
+EXTRAS_medssl := [test]
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"

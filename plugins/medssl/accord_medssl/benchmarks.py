@@ -1,23 +1,32 @@
-"""Speed of the medssl pipeline: data-loader throughput (uncached vs MONAI's disk cache) and
-pretraining steps per second with peak memory."""
+"""Benchmarks of the medssl pipeline: data-loader throughput (uncached vs MONAI's disk cache),
+pretraining steps per second with peak memory, and how well anatomy embeddings match anatomy."""
 
 from __future__ import annotations
 
+import math
 import resource
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from accord_medssl.anatomy import AnatomyEmbeddingModel, AnatomyPretrainingOptions, AnatomySearchIndex
+from accord_medssl.anatomy.evaluation import (
+    MatchOutcomes,
+    match_labelled_points,
+    random_deformed_copy,
+    sample_labelled_points,
+)
 from accord_medssl.data.layout import decathlon_items
 from accord_medssl.data.phantom import DEFAULT_SHAPE, synth
 from accord_medssl.data.pipeline import build_dataset
 
-__all__ = ["loader_throughput", "pretraining_speed"]
+__all__ = ["anatomy_matching", "loader_throughput", "pretraining_speed"]
 
 
 def _epoch_seconds(dataset: Dataset, num_workers: int) -> float:
@@ -148,3 +157,219 @@ def pretraining_speed(
         "peak_memory_mb": peak_mb,
         "device": "cuda" if cuda else "cpu",
     }
+
+
+# --- anatomy matching --------------------------------------------------------------------------
+
+#: Random transforms of the "deformed copy" pairs (:func:`random_deformed_copy` arguments): about a
+#: tenth of the field of view in shift, with rotation, scale and a smooth elastic part on top.
+PHANTOM_DEFORMATION = {"max_rotation_deg": 10.0, "max_scale": 0.1, "max_translation_mm": 5.0, "max_elastic_mm": 3.0}
+MNI_DEFORMATION = {"max_rotation_deg": 10.0, "max_scale": 0.1, "max_translation_mm": 10.0, "max_elastic_mm": 4.0}
+
+
+@dataclass(frozen=True)
+class _MatchingPair:
+    """Query and target volumes with labels; ``source_points`` are the query voxels' true target positions."""
+
+    query: torch.Tensor
+    query_labels: torch.Tensor
+    target: torch.Tensor
+    target_labels: torch.Tensor
+    spacing: tuple[float, float, float]
+    source_points: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _MatchingSet:
+    """Volumes an embedding trains on, and the labelled pairs it is then scored on, by pair kind."""
+
+    name: str
+    train_volumes: list[torch.Tensor]
+    pairs: dict[str, list[_MatchingPair]]
+
+
+def _deformed_pair(
+    volume: torch.Tensor, labels: torch.Tensor, spacing: tuple[float, float, float], seed: int, deformation: dict
+) -> _MatchingPair:
+    """The original as target and a seeded random deformed copy of it as query."""
+    copy = random_deformed_copy(volume, labels, spacing, generator=torch.Generator().manual_seed(seed), **deformation)
+    return _MatchingPair(copy.volume, copy.labels, volume, labels, spacing, copy.source_points)
+
+
+def _phantom_set(root: Path, num_cases: int, shape: tuple[int, int, int], seed: int, copies: int) -> _MatchingSet:
+    """Quick-benchmark phantoms: train on all cases, match each case into the next, and copies into originals."""
+    items = decathlon_items(synth(root, num_train=num_cases, num_test=0, shape=shape, seed=seed))
+    cases = [build_dataset([item], cache="none")[0] for item in items]
+    volumes = [case["image"].as_subclass(torch.Tensor) for case in cases]
+    labels = [case["label"].as_subclass(torch.Tensor)[0].long() for case in cases]
+    spacing = tuple(float(size) for size in cases[0]["image"].affine[:3, :3].norm(dim=0))
+    cross = [
+        _MatchingPair(volumes[index], labels[index], volumes[(index + 1) % num_cases], labels[(index + 1) % num_cases], spacing)
+        for index in range(num_cases)
+    ]
+    deformed = [
+        _deformed_pair(volumes[index], labels[index], spacing, seed + 1000 + index, PHANTOM_DEFORMATION)
+        for index in range(min(copies, num_cases))
+    ]
+    return _MatchingSet("phantoms", volumes, {"cross-case": cross, "deformed copy": deformed})
+
+
+def _mni152_set(seed: int, train_copies: int, copies: int) -> _MatchingSet:
+    """nilearn's MNI152 T1 template (2 mm, shipped with nilearn) with tissue labels.
+
+    Labels: 1 other brain (mostly CSF), 2 grey matter, 3 white matter, from nilearn's masks. The
+    embedding trains on the template and ``train_copies`` deformed copies; the scored pairs are
+    ``copies`` other deformed copies matched into the template.
+
+    Raises:
+        ImportError: nilearn is not installed.
+    """
+    try:
+        from nilearn import datasets
+    except ImportError as error:
+        raise ImportError("the MNI152 matching set needs nilearn: pip install 'accord-medssl[test]'") from error
+
+    def array(image) -> torch.Tensor:
+        return torch.from_numpy(image.get_fdata(dtype="float32"))
+
+    template = datasets.load_mni152_template(resolution=2)
+    brain = array(datasets.load_mni152_brain_mask(resolution=2)) > 0
+    grey = array(datasets.load_mni152_gm_mask(resolution=2)) > 0
+    white = array(datasets.load_mni152_wm_mask(resolution=2)) > 0
+    labels = torch.where(white, 3, torch.where(grey, 2, torch.where(brain, 1, 0)))
+    volume = array(template)[None]
+    spacing = tuple(float(size) for size in template.header.get_zooms()[:3])
+    train = [volume] + [
+        _deformed_pair(volume, labels, spacing, seed + index, MNI_DEFORMATION).query for index in range(train_copies)
+    ]
+    pairs = [_deformed_pair(volume, labels, spacing, seed + 1000 + index, MNI_DEFORMATION) for index in range(copies)]
+    return _MatchingSet("mni152", train, {"deformed copy": pairs})
+
+
+def _train_embedding(
+    volumes: list[torch.Tensor], options: AnatomyPretrainingOptions, steps: int, seed: int, run_dir: Path
+) -> AnatomyEmbeddingModel:
+    """The quick benchmark's anatomy stage (its crops, augmentation and trainer) for ``steps`` steps."""
+    from accord.training import Trainer
+    from accord_medssl.anatomy import AnatomyEmbeddingPretraining
+    from accord_medssl.tasks import QUICK
+    from accord_medssl.views import AnatomyViewOptions, AnatomyViewPairs
+
+    trainer = QUICK.anatomy_trainer.model_copy(
+        update={"max_steps": steps, "checkpoint_every": steps, "log_every": steps, "seed": seed,
+                "warmup_steps": min(QUICK.anatomy_trainer.warmup_steps, steps - 1)}
+    )
+    torch.manual_seed(seed)
+    module = AnatomyEmbeddingPretraining(options)
+    dataset = AnatomyViewPairs([{"image": volume} for volume in volumes], QUICK.crop_size, AnatomyViewOptions())
+    Trainer(trainer, run_dir).fit(module, dataset)
+    return module.model
+
+
+def _score_pairs(model: AnatomyEmbeddingModel, pairs: list[_MatchingPair], num_points: int, seed: int) -> MatchOutcomes:
+    """Match ``num_points`` label-balanced query points per pair with ``model``'s embeddings."""
+    generator = torch.Generator().manual_seed(seed)
+    outcomes = []
+    for pair in pairs:
+        points = sample_labelled_points(pair.query_labels, num_points, generator)
+        true_points = None if pair.source_points is None else pair.source_points[tuple(points.T)]
+        outcomes.append(
+            match_labelled_points(
+                points,
+                AnatomySearchIndex.from_embedding(model.embed_volume(pair.query)),
+                AnatomySearchIndex.from_embedding(model.embed_volume(pair.target)),
+                pair.query_labels,
+                pair.target_labels,
+                true_points=true_points,
+                spacing=pair.spacing,
+            )
+        )
+    return MatchOutcomes.concatenate(outcomes)
+
+
+def _percent(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def anatomy_matching(
+    variants: Mapping[str, AnatomyPretrainingOptions | None] | None = None,
+    *,
+    datasets: Sequence[Literal["phantoms", "mni152"]] = ("phantoms", "mni152"),
+    steps: int | None = None,
+    num_points: int = 256,
+    threshold: float = 0.7,
+    seed: int = 0,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """How well anatomy embeddings find corresponding points, trained at the quick benchmark's scale.
+
+    Each variant's embedding network is trained like the quick benchmark's anatomy stage (32^3 crops,
+    batch 2, its learning rate, ``steps`` steps) on each dataset, then scored with
+    :mod:`accord_medssl.anatomy.evaluation` (the miner's own similarity search):
+
+    - ``phantoms``: the quick benchmark's 10 phantoms of 48 x 48 x 32 voxels; *cross-case* pairs
+      match every case into the next (organ hit rate), *deformed copy* pairs match a randomly
+      affine + elastically deformed copy of a case into the case (hit rate and error in mm);
+    - ``mni152``: nilearn's MNI152 T1 template at 2 mm with tissue labels (grey matter, white
+      matter, other brain); trained on the template and 7 deformed copies, scored on 3 other
+      copies matched into the template.
+
+    Args:
+        variants: name -> pretraining options; ``None`` options give the untrained network
+            (initialised from ``seed``). Default: untrained and the quick benchmark's options.
+        datasets: which sets to run.
+        steps: training steps; ``None``: the quick benchmark's anatomy steps.
+        num_points: query points per pair, balanced over labels.
+        threshold: the miner's acceptance threshold.
+        seed: seed of the data, the networks and the query points.
+        verbose: print the table.
+
+    Returns:
+        ``rows`` (one dict per dataset, pair kind and variant: :meth:`MatchOutcomes.summary` plus
+        ``dataset``, ``pairs``, ``variant`` and ``train_seconds``) and ``markdown`` (the table).
+    """
+    from accord.report import markdown_table
+    from accord_medssl.tasks import QUICK
+
+    if variants is None:
+        variants = {"untrained": None, "trained": QUICK.anatomy_embedding}
+    steps = QUICK.anatomy_trainer.max_steps if steps is None else steps
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="medssl-matching-") as scratch:
+        scratch_dir = Path(scratch)
+        for dataset in datasets:
+            if dataset == "phantoms":
+                shape = QUICK.phantoms["shape"]
+                matching_set = _phantom_set(scratch_dir / "phantoms", QUICK.phantoms["num_train"], shape, seed, copies=3)
+            elif dataset == "mni152":
+                matching_set = _mni152_set(seed, train_copies=7, copies=3)
+            else:
+                raise ValueError(f"datasets: expected 'phantoms' or 'mni152', got {dataset!r}")
+            for variant, options in variants.items():
+                start = time.perf_counter()
+                if options is None:
+                    torch.manual_seed(seed)
+                    model = AnatomyEmbeddingModel(QUICK.anatomy_embedding.model)
+                else:
+                    run_dir = scratch_dir / "runs" / f"{dataset}_{variant}"
+                    model = _train_embedding(matching_set.train_volumes, options, steps, seed, run_dir)
+                train_seconds = time.perf_counter() - start
+                for kind, pairs in matching_set.pairs.items():
+                    summary = _score_pairs(model, pairs, num_points, seed).summary(threshold)
+                    rows.append({"dataset": dataset, "pairs": kind, "variant": variant,
+                                 "train_seconds": train_seconds, **summary})
+    header = ["dataset", "pairs", "variant", "hit % (chance)", "best score mean [p05, p95]", "mean score",
+              f"accepted % (> {threshold})", "hit % if accepted", "hit-vs-miss score AUC", "error mm mean (p50)"]
+    lines = [
+        [row["dataset"], row["pairs"], row["variant"],
+         f"{_percent(row['hit_rate'])} ({_percent(row['chance_hit_rate'])})",
+         f"{row['score_mean']:.3f} [{row['score_p05']:.3f}, {row['score_p95']:.3f}]",
+         f"{row['similarity_mean']:.3f}", _percent(row["accepted"]), _percent(row["accepted_hit_rate"]),
+         "n/a" if math.isnan(row["hit_score_auc"]) else f"{row['hit_score_auc']:.2f}",
+         f"{row['error_mm_mean']:.1f} ({row['error_mm_p50']:.1f})" if "error_mm_mean" in row else "-"]
+        for row in rows
+    ]
+    markdown = markdown_table(header, lines)
+    if verbose:
+        print(markdown)
+    return {"rows": rows, "markdown": markdown}

@@ -210,7 +210,7 @@ QUICK = _Scale(
     alice={"out_dim": 64, "head_hidden_dim": 128, "head_bottleneck_dim": 32, "casa_hidden_dim": 128, "casa_num_heads": 4,
            "teacher_temperature_warmup_steps": 10},
     anatomy_embedding=AnatomyPretrainingOptions(model={"widths": (8, 16, 32), "fpn_dim": 16, "global_dim": 32, "local_dim": 32}),
-    anatomy_trainer=TrainerConfig(max_steps=40, batch_size=2, lr=1e-3, warmup_steps=5, checkpoint_every=40, log_every=10),
+    anatomy_trainer=TrainerConfig(max_steps=200, batch_size=2, lr=1e-3, warmup_steps=5, checkpoint_every=40, log_every=10),
     # Prototypes frozen for one epoch of the 10 phantoms (5 steps), not the full-size 31 of 20 steps.
     alice_trainer=TrainerConfig(max_steps=20, batch_size=2, lr=5e-4, warmup_steps=5, grad_clip_norm=3.0, ema_momentum=0.99,
                                 freeze_parameters=ParameterFreeze(pattern=ALICE_PROTOTYPES, steps=5),

@@ -10,9 +10,14 @@ from accord_medssl.anatomy.embedding import (
     load_embedding_volume,
 )
 from accord_medssl.anatomy.grid import cell_to_voxel, crop_with_zero_padding, embedding_grid_shape, voxel_to_cell
-from accord_medssl.anatomy.miner import AnatomicalViewMiner, AnatomySearchIndex, MinedViews, match_points
+from accord_medssl.anatomy.miner import AnatomicalViewMiner, AnatomySearchIndex, MinedViews, match_points, similarity_map
 from accord_medssl.anatomy.model import AnatomyEmbeddingModel, AnatomyEmbeddingOptions, model_embedder
-from accord_medssl.anatomy.pretraining import AnatomyEmbeddingPretraining, AnatomyPretrainingOptions, sample_view_pairs
+from accord_medssl.anatomy.pretraining import (
+    AnatomyEmbeddingPretraining,
+    AnatomyPretrainingOptions,
+    mined_info_nce,
+    sample_view_pairs,
+)
 
 __all__ = [
     "AnatomicalViewMiner",
@@ -31,7 +36,9 @@ __all__ = [
     "load_anatomy_embedding",
     "load_embedding_volume",
     "match_points",
+    "mined_info_nce",
     "model_embedder",
     "sample_view_pairs",
+    "similarity_map",
     "voxel_to_cell",
 ]

@@ -31,7 +31,7 @@ from accord.checks import check_tensor
 from accord_medssl.anatomy.embedding import AnatomyEmbedding, Embedder
 from accord_medssl.anatomy.grid import cell_to_voxel, crop_with_zero_padding, voxel_to_cell
 
-__all__ = ["AnatomicalViewMiner", "AnatomySearchIndex", "MinedViews", "match_points"]
+__all__ = ["AnatomicalViewMiner", "AnatomySearchIndex", "MinedViews", "best_matches", "match_points", "similarity_map"]
 
 
 def _ravel(cells: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
@@ -89,6 +89,61 @@ class AnatomySearchIndex:
         return self.global_vectors[global_index], self.local_vectors[local_index]
 
 
+def _check_compatible(source: AnatomySearchIndex, target: AnatomySearchIndex) -> None:
+    for kind in ("global", "local"):
+        source_dim = getattr(source, f"{kind}_vectors").shape[1]
+        target_dim = getattr(target, f"{kind}_vectors").shape[1]
+        if source_dim != target_dim:
+            raise ValueError(f"target: {kind} embedding has {target_dim} channels, the source's has {source_dim}")
+
+
+def similarity_map(points: torch.Tensor, source: AnatomySearchIndex, target: AnatomySearchIndex) -> torch.Tensor:
+    """The matching score of each source point against every local cell of the target.
+
+    The score is the cosine of the concatenated global + local embeddings,
+    ``(global_q . global_{cell(x)} + local_q . local_x) / 2``, with the global similarities taken
+    on the global grid and looked up per local cell.
+
+    Args:
+        points: voxel indices in the source volume.
+        source: the source volume's index.
+        target: the target volume's index (same embedding sizes as ``source``).
+
+    Returns:
+        Scores in ``[-1, 1]`` on the target's device, C-order over the target's local grid.
+
+    Shape:
+        points: ``(n, 3)``; output: ``(n, N_l)``.
+
+    Raises:
+        ValueError: points outside the source volume or embeddings of different sizes.
+    """
+    check_tensor(points, "points", shape=(None, 3), floating=False)
+    _check_compatible(source, target)
+    query_global, query_local = source.point_vectors(points)
+    device = target.local_vectors.device
+    global_similarity = query_global.to(device) @ target.global_vectors.T  # (n, N_g)
+    local_similarity = query_local.to(device) @ target.local_vectors.T  # (n, N_l)
+    return 0.5 * (local_similarity + global_similarity[:, target.global_of_local])
+
+
+def best_matches(scores: torch.Tensor, target: AnatomySearchIndex) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best-scoring target voxel of each row of a :func:`similarity_map`.
+
+    Args:
+        scores: ``(n, N_l)`` scores over the target's local grid.
+        target: the index the scores were computed against.
+
+    Returns:
+        ``(matched, score)``: ``(n, 3)`` long voxel indices (the centre voxel of the best local
+        cell) and ``(n,)`` best scores, on ``scores``' device.
+    """
+    best_score, best_cell = scores.max(dim=1)
+    embedding = target.embedding
+    local_cells = _unravel(best_cell, embedding.local_map.shape[1:])
+    return cell_to_voxel(local_cells, embedding.local_stride, embedding.volume_shape), best_score
+
+
 def match_points(
     points: torch.Tensor, source: AnatomySearchIndex, target: AnatomySearchIndex
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +156,8 @@ def match_points(
 
     Returns:
         ``(matched, score)``: target voxel indices (the centre voxel of the best local cell) and
-        the cosine similarity of the concatenated global + local embeddings, in ``[-1, 1]``.
+        the cosine similarity of the concatenated global + local embeddings, in ``[-1, 1]``
+        (:func:`similarity_map`).
 
     Shape:
         points: ``(n, 3)``; matched: ``(n, 3)`` long on ``points``' device; score: ``(n,)``.
@@ -109,21 +165,7 @@ def match_points(
     Raises:
         ValueError: points outside the source volume or embeddings of different sizes.
     """
-    check_tensor(points, "points", shape=(None, 3), floating=False)
-    for kind in ("global", "local"):
-        source_dim = getattr(source, f"{kind}_vectors").shape[1]
-        target_dim = getattr(target, f"{kind}_vectors").shape[1]
-        if source_dim != target_dim:
-            raise ValueError(f"target: {kind} embedding has {target_dim} channels, the source's has {source_dim}")
-    query_global, query_local = source.point_vectors(points)
-    device = target.local_vectors.device
-    global_similarity = query_global.to(device) @ target.global_vectors.T  # (n, N_g)
-    local_similarity = query_local.to(device) @ target.local_vectors.T  # (n, N_l)
-    score = 0.5 * (local_similarity + global_similarity[:, target.global_of_local])
-    best_score, best_cell = score.max(dim=1)
-    embedding = target.embedding
-    local_cells = _unravel(best_cell, embedding.local_map.shape[1:])
-    matched = cell_to_voxel(local_cells, embedding.local_stride, embedding.volume_shape)
+    matched, best_score = best_matches(similarity_map(points, source, target), target)
     return matched.to(points.device), best_score.to(points.device)
 
 
