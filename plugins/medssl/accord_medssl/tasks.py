@@ -183,8 +183,27 @@ class MedsslBenchmarkConfig(BenchmarkConfig):
     """``accord benchmark medssl [--quick] [--data MSD_DIR] method=alice``."""
 
     method: Literal["alice"] = Field("alice", description="the pretraining compared with random initialisation")
-    seeds: list[int] = Field([0, 1, 2], min_length=1, description="fine-tuning seeds (quick: the first two)")
+    seeds: list[int] = Field([0, 1, 2], min_length=1,
+                             description="fine-tuning seeds (quick: the first two unless seeds is given)")
     label_fractions: list[float] = Field([0.1, 1.0], min_length=1, description="shares of the train cases with labels")
+    anatomy_steps: int | None = Field(None, ge=1, description="anatomy-embedding steps (None: the variant's)")
+    alice_steps: int | None = Field(None, ge=1, description="Alice pretraining steps (None: the variant's)")
+    finetune_steps: int | None = Field(
+        None, ge=1, description="steps per fine-tuning run, validated every quarter (None: the variant's)"
+    )
+
+    def trainers(self, scale: _Scale) -> tuple[TrainerConfig, TrainerConfig, TrainerConfig]:
+        """The anatomy, Alice and fine-tuning trainers of ``scale`` with the step overrides applied."""
+
+        def with_steps(trainer: TrainerConfig, steps: int | None, checkpoints: int = 1) -> TrainerConfig:
+            if steps is None:
+                return trainer
+            every = max(steps // checkpoints, 1)
+            return trainer.model_copy(update={"max_steps": steps, "checkpoint_every": every, "log_every": every,
+                                              "warmup_steps": min(trainer.warmup_steps, steps - 1)})
+
+        return (with_steps(scale.anatomy_trainer, self.anatomy_steps), with_steps(scale.alice_trainer, self.alice_steps),
+                with_steps(scale.finetune_trainer, self.finetune_steps, checkpoints=4))
 
 
 @dataclass(frozen=True)
@@ -269,20 +288,21 @@ def benchmark(cfg: MedsslBenchmarkConfig) -> dict[str, Any]:
         also holds the per-class table; both tables are in ``run_dir/results.md``.
     """
     scale = QUICK if cfg.quick else FULL
-    seeds = cfg.seeds[:2] if cfg.quick else cfg.seeds
+    seeds = cfg.seeds[:2] if cfg.quick and "seeds" not in cfg.model_fields_set else cfg.seeds
+    anatomy_trainer, alice_trainer, finetune_trainer = cfg.trainers(scale)
     data = cfg.data or synth(cfg.run_dir / "data", seed=cfg.seed, **scale.phantoms)
     shared = {"plugin": cfg.plugin, "data": data, "cache_dir": cfg.run_dir / "cache", "seed": cfg.seed}
     anatomy = pretrain(
         PretrainConfig(
             **shared, task="pretrain", run_dir=cfg.run_dir / "anatomy_embedding", method="anatomy_embedding",
-            crop_size=scale.crop_size, anatomy_embedding=scale.anatomy_embedding, trainer=scale.anatomy_trainer,
+            crop_size=scale.crop_size, anatomy_embedding=scale.anatomy_embedding, trainer=anatomy_trainer,
         )
     )
     alice = pretrain(
         PretrainConfig(
             **shared, task="pretrain", run_dir=cfg.run_dir / "alice", method="alice", crop_size=scale.crop_size,
             alice=AliceOptions(backbone=scale.backbone, **scale.alice),
-            mining=MiningOptions(anatomy_checkpoint=anatomy["checkpoint"]), trainer=scale.alice_trainer,
+            mining=MiningOptions(anatomy_checkpoint=anatomy["checkpoint"]), trainer=alice_trainer,
         )
     )
     initialisations: dict[str, Path | None] = {"random": None, cfg.method: Path(alice["checkpoint"])}
@@ -295,7 +315,7 @@ def benchmark(cfg: MedsslBenchmarkConfig) -> dict[str, Any]:
                     FinetuneConfig(
                         **{**shared, "seed": seed}, task="finetune", run_dir=run_dir, checkpoint=checkpoint,
                         backbone=scale.backbone, label_fraction=fraction, split=scale.split, crop_size=scale.crop_size,
-                        trainer=scale.finetune_trainer.model_copy(update={"seed": seed}),
+                        trainer=finetune_trainer.model_copy(update={"seed": seed}),
                     )
                 )
                 scores = evaluate(

@@ -43,3 +43,17 @@ def test_every_task_config_forbids_unknown_keys(only_medssl, tmp_path: Path) -> 
                "trainer_steps": 3}
         with pytest.raises(ConfigError, match=r"unknown key 'trainer_steps'"):
             validate_config(task.extra["config"], raw, f"{task.name}.yaml")
+
+
+def test_benchmark_step_overrides_rescale_the_variant_trainers() -> None:
+    from accord_medssl.tasks import QUICK, MedsslBenchmarkConfig
+
+    plain = MedsslBenchmarkConfig(plugin="medssl", task="benchmark", quick=True)
+    assert plain.trainers(QUICK) == (QUICK.anatomy_trainer, QUICK.alice_trainer, QUICK.finetune_trainer)
+    scaled = MedsslBenchmarkConfig(plugin="medssl", task="benchmark", quick=True, alice_steps=300, finetune_steps=3)
+    anatomy, alice, finetune = scaled.trainers(QUICK)
+    assert anatomy == QUICK.anatomy_trainer
+    assert (alice.max_steps, alice.checkpoint_every, alice.lr) == (300, 300, QUICK.alice_trainer.lr)
+    assert alice.freeze_parameters == QUICK.alice_trainer.freeze_parameters
+    # Validation every quarter of the run; warm-up shorter than the run.
+    assert (finetune.max_steps, finetune.checkpoint_every, finetune.warmup_steps) == (3, 1, 2)
