@@ -110,3 +110,11 @@ def test_shipped_configs_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_trainer_defaults_are_valid() -> None:
     assert TrainerConfig().max_steps >= 1
+
+
+def test_quick_benchmarks_run_two_default_seeds_but_every_given_one() -> None:
+    from accord.config import BenchmarkConfig
+
+    assert BenchmarkConfig(plugin="core").run_seeds() == [0, 1, 2]
+    assert BenchmarkConfig(plugin="core", quick=True).run_seeds() == [0, 1]
+    assert BenchmarkConfig(plugin="core", quick=True, seeds=[4, 5, 6]).run_seeds() == [4, 5, 6]

@@ -180,6 +180,13 @@ class BenchmarkConfig(RunConfig):
     task: str = "benchmark"
     data: ExistingPath | None = Field(None, description="dataset root; None: generate sample data")
     quick: bool = Field(False, description="a few-minute version for demos and CI")
+    seeds: list[int] = Field(
+        [0, 1, 2], min_length=1, description="seeds of the compared runs (quick: the first two unless seeds is given)"
+    )
+
+    def run_seeds(self) -> list[int]:
+        """``seeds``; under ``quick`` only the first two of the default ones (given seeds are all run)."""
+        return self.seeds[:2] if self.quick and "seeds" not in self.model_fields_set else self.seeds
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -50,7 +50,6 @@ class FinetuneConfig(RunConfig):
 
 
 class ToyBenchmarkConfig(BenchmarkConfig):
-    seeds: list[int] = [0, 1, 2]
     label_fractions: list[float] = [0.1, 1.0]
     pretrain_steps: int = Field(1000, ge=1)
 
@@ -147,7 +146,7 @@ def benchmark(cfg: ToyBenchmarkConfig) -> dict[str, Any]:
     """Pretrain once, then linear-probe pretrained vs random init per label fraction and seed."""
     data = cfg.data or synth_shapes(cfg.run_dir / "data", per_class=64 if cfg.quick else 96)
     steps = min(cfg.pretrain_steps, 500) if cfg.quick else cfg.pretrain_steps
-    seeds = cfg.seeds[:2] if cfg.quick else cfg.seeds
+    seeds = cfg.run_seeds()
     trainer = TrainerConfig(max_steps=steps, batch_size=64, lr=2e-3, warmup_steps=10, checkpoint_every=steps, log_every=25)
     pre_cfg = PretrainConfig(plugin="core", task="pretrain", run_dir=cfg.run_dir / "pretrain", data=data, trainer=trainer, seed=cfg.seed)
     checkpoint = Path(pretrain(pre_cfg)["checkpoint"])

@@ -183,8 +183,6 @@ class MedsslBenchmarkConfig(BenchmarkConfig):
     """``accord benchmark medssl [--quick] [--data MSD_DIR] method=alice``."""
 
     method: Literal["alice"] = Field("alice", description="the pretraining compared with random initialisation")
-    seeds: list[int] = Field([0, 1, 2], min_length=1,
-                             description="fine-tuning seeds (quick: the first two unless seeds is given)")
     label_fractions: list[float] = Field([0.1, 1.0], min_length=1, description="shares of the train cases with labels")
     anatomy_steps: int | None = Field(None, ge=1, description="anatomy-embedding steps (None: the variant's)")
     alice_steps: int | None = Field(None, ge=1, description="Alice pretraining steps (None: the variant's)")
@@ -288,7 +286,7 @@ def benchmark(cfg: MedsslBenchmarkConfig) -> dict[str, Any]:
         also holds the per-class table; both tables are in ``run_dir/results.md``.
     """
     scale = QUICK if cfg.quick else FULL
-    seeds = cfg.seeds[:2] if cfg.quick and "seeds" not in cfg.model_fields_set else cfg.seeds
+    seeds = cfg.run_seeds()
     anatomy_trainer, alice_trainer, finetune_trainer = cfg.trainers(scale)
     data = cfg.data or synth(cfg.run_dir / "data", seed=cfg.seed, **scale.phantoms)
     shared = {"plugin": cfg.plugin, "data": data, "cache_dir": cfg.run_dir / "cache", "seed": cfg.seed}

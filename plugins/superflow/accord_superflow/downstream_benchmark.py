@@ -49,7 +49,6 @@ class SuperFlowBenchmarkConfig(BenchmarkConfig):
     """``accord benchmark superflow [--quick] [--data NUSCENES_ROOT] [key=value ...]``."""
 
     version: str = Field("v1.0-mini", description="table version of --data (v1.0-mini or v1.0-trainval)")
-    seeds: list[int] = Field([0, 1, 2], min_length=1, description="downstream seeds (quick: the first two)")
     label_fraction: int | None = Field(None, description="fine-tuning percent; None: 1, or the smallest of "
                                                          f"{LABEL_FRACTIONS} that keeps a train scene")
     superpixels: Literal["semantic", "slic"] = Field("semantic", description="pretraining superpixels (semantic: "
@@ -167,7 +166,7 @@ def _benchmark(cfg: SuperFlowBenchmarkConfig) -> dict[str, Any]:
 
     started = time.perf_counter()
     scale = QUICK if cfg.quick else FULL
-    seeds = cfg.seeds[:2] if cfg.quick else cfg.seeds
+    seeds = cfg.run_seeds()
     root = cfg.data or synth_nuscenes(cfg.run_dir / "data", seed=cfg.seed, **scale.synth)
     train_split, validation_split = SPLITS[cfg.version]
     cache_dir = cfg.run_dir / "cache"
