@@ -197,7 +197,8 @@ class MedsslBenchmarkConfig(BenchmarkConfig):
             if steps is None:
                 return trainer
             every = max(steps // checkpoints, 1)
-            return trainer.model_copy(update={"max_steps": steps, "checkpoint_every": every, "log_every": every,
+            return trainer.model_copy(update={"max_steps": steps, "checkpoint_every": every,
+                                              "log_every": min(trainer.log_every, every),
                                               "warmup_steps": min(trainer.warmup_steps, steps - 1)})
 
         return (with_steps(scale.anatomy_trainer, self.anatomy_steps), with_steps(scale.alice_trainer, self.alice_steps),
