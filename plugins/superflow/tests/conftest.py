@@ -59,8 +59,9 @@ PRETRAIN_TINY_BACKBONE = {"base_channels": 4, "encoder_channels": [4, 4, 8, 8], 
 
 
 @pytest.fixture(scope="session")
-def superflow_checkpoint(_tiny_template: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """``{"path", "backbone"}``: a SuperFlow pretraining checkpoint after one step and its backbone options."""
+def pretrain_one_step(_tiny_template: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``(backbone options, name) -> checkpoint path``: SuperFlow pretraining for one optimizer step
+    on the tiny dataset (random 1-layer teacher, coarse voxels)."""
     from accord.config import TrainerConfig
     from accord.training import Trainer
     from accord_superflow.losses import SuperFlowLossConfig
@@ -73,15 +74,24 @@ def superflow_checkpoint(_tiny_template: Path, tmp_path_factory: pytest.TempPath
         collate_pretrain,
     )
 
-    work = tmp_path_factory.mktemp("pretrained")
-    dataset = SuperFlowPretrainDataset(PretrainDataConfig(root=_tiny_template, version="v1.0-mini",
-                                                          split="mini_train", image_size=(28, 56),
-                                                          cache_dir=work / "index"))
-    torch.manual_seed(0)
-    model = build_superflow(SuperFlowModelConfig(backbone=BackboneConfig(**PRETRAIN_TINY_BACKBONE),
-                                                 teacher=TeacherConfig(random_width=16, random_layers=1),
-                                                 embed_dim=8, voxel_size=(0.3, 3.0, 0.3)),
-                            SuperFlowLossConfig(), dataset.groups_per_sample)
-    result = Trainer(TrainerConfig(max_steps=1, batch_size=2, schedule="constant"), work / "run").fit(
-        model, dataset, collate_pretrain)
-    return {"path": Path(result["checkpoint"]), "backbone": PRETRAIN_TINY_BACKBONE}
+    def pretrain(backbone: dict, name: str) -> Path:
+        work = tmp_path_factory.mktemp(name)
+        dataset = SuperFlowPretrainDataset(PretrainDataConfig(root=_tiny_template, version="v1.0-mini",
+                                                              split="mini_train", image_size=(28, 56),
+                                                              cache_dir=work / "index"))
+        torch.manual_seed(0)
+        model = build_superflow(SuperFlowModelConfig(backbone=BackboneConfig(**backbone),
+                                                     teacher=TeacherConfig(random_width=16, random_layers=1),
+                                                     embed_dim=8, voxel_size=(0.3, 3.0, 0.3)),
+                                SuperFlowLossConfig(), dataset.groups_per_sample)
+        result = Trainer(TrainerConfig(max_steps=1, batch_size=2, schedule="constant"), work / "run").fit(
+            model, dataset, collate_pretrain)
+        return Path(result["checkpoint"])
+
+    return pretrain
+
+
+@pytest.fixture(scope="session")
+def superflow_checkpoint(pretrain_one_step) -> dict:
+    """``{"path", "backbone"}``: a SuperFlow pretraining checkpoint after one step and its backbone options."""
+    return {"path": pretrain_one_step(PRETRAIN_TINY_BACKBONE, "pretrained"), "backbone": PRETRAIN_TINY_BACKBONE}

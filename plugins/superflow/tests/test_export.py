@@ -15,33 +15,10 @@ TINY_BACKBONE = {"base_channels": 4, "encoder_channels": [4, 8, 8, 8], "encoder_
                  "decoder_channels": [8, 8, 4, 4], "decoder_blocks": [2, 2, 2, 2]}
 
 
-
-
 @pytest.fixture(scope="module")
-def pretrained(_tiny_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SuperFlow checkpoint after one optimizer step (tiny MinkUNet-34, random tiny teacher)."""
-    from accord_superflow.losses import SuperFlowLossConfig
-    from accord_superflow.models import BackboneConfig, TeacherConfig
-    from accord_superflow.pretrain import (
-        PretrainDataConfig,
-        SuperFlowModelConfig,
-        SuperFlowPretrainDataset,
-        build_superflow,
-        collate_pretrain,
-    )
-
-    work = tmp_path_factory.mktemp("export")
-    dataset = SuperFlowPretrainDataset(PretrainDataConfig(root=_tiny_template, version="v1.0-mini",
-                                                          split="mini_train", image_size=(28, 56),
-                                                          cache_dir=work / "index"))
-    torch.manual_seed(0)
-    model = build_superflow(SuperFlowModelConfig(backbone=BackboneConfig(**TINY_BACKBONE),
-                                                 teacher=TeacherConfig(random_width=16), embed_dim=8,
-                                                 voxel_size=(0.3, 3.0, 0.3)),
-                            SuperFlowLossConfig(), dataset.groups_per_sample)
-    result = Trainer(TrainerConfig(max_steps=1, batch_size=2, schedule="constant"), work / "run").fit(
-        model, dataset, collate_pretrain)
-    return Path(result["checkpoint"])
+def pretrained(pretrain_one_step) -> Path:
+    """A SuperFlow checkpoint after one optimizer step (tiny MinkUNet-34: the real block counts)."""
+    return pretrain_one_step(TINY_BACKBONE, "export")
 
 
 @pytest.fixture(scope="module")
