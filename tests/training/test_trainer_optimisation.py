@@ -228,5 +228,5 @@ def test_lr_multiplier_errors_name_the_pattern(tmp_path: Path) -> None:
         validate_config(TrainerConfig, {"lr_multipliers": {"head(": 2}}, "cfg.yaml")
     with pytest.raises(ConfigError, match=r"lr_multipliers: 'head': the learning-rate multiplier must be > 0"):
         validate_config(TrainerConfig, {"lr_multipliers": {"head": 0}}, "cfg.yaml")
-    with pytest.raises(ValueError, match=r"trainer.lr_multipliers: '\^head' matches no trainable parameter"):
+    with pytest.raises(ValueError, match=r"trainer.lr_multipliers pattern '\^head' matches no trainable parameter"):
         parameter_groups(_LinearLoss(), TrainerConfig(lr_multipliers={"^head": 2}))

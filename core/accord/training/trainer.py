@@ -214,6 +214,22 @@ def _exempt_from_weight_decay(name: str, parameter: nn.Parameter) -> bool:
 EXEMPT_FROM_DECAY = "exempt_from_weight_decay"
 
 
+def _parameters_matching(
+    pattern: str, named: list[tuple[str, nn.Parameter]], model: nn.Module, option: str
+) -> list[nn.Parameter]:
+    """The parameters of ``named`` whose name contains a match of ``pattern``; none is an error naming ``option``."""
+    matched = [parameter for name, parameter in named if re.search(pattern, name)]
+    if not matched:
+        examples = ", ".join(name for name, _ in named[:5])
+        raise ValueError(f"trainer.{option} pattern {pattern!r} matches no trainable parameter of "
+                         f"{type(model).__name__} (names look like: {examples})")
+    return matched
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
 def _first_matching_multiplier(name: str, multipliers: Mapping[str, float]) -> float:
     return next((factor for pattern, factor in multipliers.items() if re.search(pattern, name)), 1.0)
 
@@ -231,14 +247,11 @@ def parameter_groups(model: nn.Module, config: TrainerConfig) -> list[dict[str, 
     Raises:
         ValueError: no parameter requires gradients, or an ``lr_multipliers`` pattern matches none.
     """
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    named = _trainable(model)
     if not named:
         raise ValueError("the model has no parameters with requires_grad=True to optimize")
     for pattern in config.lr_multipliers:
-        if not any(re.search(pattern, name) for name, _ in named):
-            examples = ", ".join(name for name, _ in named[:5])
-            raise ValueError(f"trainer.lr_multipliers: {pattern!r} matches no trainable parameter of "
-                             f"{type(model).__name__} (names look like: {examples})")
+        _parameters_matching(pattern, named, model, "lr_multipliers")
     grouped: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, False): []}
     for name, parameter in named:
         exempt = config.weight_decay_exempt_1d and _exempt_from_weight_decay(name, parameter)
@@ -293,16 +306,7 @@ def frozen_parameters(model: nn.Module, config: TrainerConfig) -> list[nn.Parame
     """
     if config.freeze_parameters is None:
         return []
-    pattern = re.compile(config.freeze_parameters.pattern)
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    matched = [p for name, p in trainable if pattern.search(name)]
-    if not matched:
-        examples = ", ".join(name for name, _ in trainable[:5])
-        raise ValueError(
-            f"trainer.freeze_parameters.pattern {pattern.pattern!r} matches no trainable parameter of "
-            f"{type(model).__name__} (names look like: {examples})"
-        )
-    return matched
+    return _parameters_matching(config.freeze_parameters.pattern, _trainable(model), model, "freeze_parameters")
 
 
 # --- the trainer -----------------------------------------------------------------------------------
