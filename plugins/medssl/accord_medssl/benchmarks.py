@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from accord_medssl.anatomy import AnatomyEmbeddingModel, AnatomyPretrainingOptions, AnatomySearchIndex
 from accord_medssl.anatomy.evaluation import (
+    ACCEPTANCE_CRITERIA,
     MatchOutcomes,
     match_labelled_points,
     random_deformed_copy,
@@ -326,7 +327,10 @@ def anatomy_matching(
 
     Returns:
         ``rows`` (one dict per dataset, pair kind and variant: :meth:`MatchOutcomes.summary` plus
-        ``dataset``, ``pairs``, ``variant`` and ``train_seconds``) and ``markdown`` (the table).
+        ``dataset``, ``pairs``, ``variant`` and ``train_seconds``), ``markdown`` (the table) and
+        ``criteria_markdown`` (a second table: per acceptance criterion of
+        :data:`~accord_medssl.anatomy.evaluation.ACCEPTANCE_CRITERIA`, its hit-vs-miss AUC and the
+        hit rate and error among the most confident half and quarter of the points).
     """
     from accord.report import markdown_table
     from accord_medssl.tasks import QUICK
@@ -370,6 +374,21 @@ def anatomy_matching(
         for row in rows
     ]
     markdown = markdown_table(header, lines)
+    criteria_header = ["dataset", "pairs", "variant", "criterion", "hit-vs-miss AUC",
+                       "hit % (error mm) in top half", "hit % (error mm) in top quarter"]
+
+    def kept(row: dict[str, Any], criterion: str, share: str) -> str:
+        error = row.get(f"{criterion}_{share}_error_mm_mean")
+        return _percent(row[f"{criterion}_{share}_hit_rate"]) + ("" if error is None else f" ({error:.1f})")
+
+    criteria_lines = [
+        [row["dataset"], row["pairs"], row["variant"], criterion,
+         "n/a" if math.isnan(row[f"hit_{criterion}_auc"]) else f"{row[f'hit_{criterion}_auc']:.2f}",
+         kept(row, criterion, "top_half"), kept(row, criterion, "top_quarter")]
+        for row in rows
+        for criterion in ACCEPTANCE_CRITERIA
+    ]
+    criteria_markdown = markdown_table(criteria_header, criteria_lines)
     if verbose:
-        print(markdown)
-    return {"rows": rows, "markdown": markdown}
+        print(markdown, criteria_markdown, sep="\n\n")
+    return {"rows": rows, "markdown": markdown, "criteria_markdown": criteria_markdown}

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 from accord_medssl.anatomy import AnatomyEmbedding, AnatomySearchIndex, cell_to_voxel
 from accord_medssl.anatomy.evaluation import (
+    ACCEPTANCE_CRITERIA,
     MatchOutcomes,
     match_labelled_points,
     random_deformed_copy,
     sample_labelled_points,
+    second_best_scores,
 )
 
 SHAPE = (8, 4, 4)
@@ -92,6 +94,66 @@ def test_summary_pools_points_and_counts_acceptance() -> None:
     assert nothing_accepted["accepted"] == 0 and math.isnan(nothing_accepted["accepted_hit_rate"])
     with pytest.raises(ValueError, match="mixes pairs with and without error_mm"):
         MatchOutcomes.concatenate([outcomes, MatchOutcomes(*(getattr(outcomes, name) for name in ("hit", "score", "similarity_mean", "chance")))])
+
+
+def test_second_best_and_cycle_error_on_an_ambiguous_and_a_missing_anatomy() -> None:
+    # The target is the query except that cell 5 = (1, 0, 1) repeats cell 4's vector: cell 4's
+    # anatomy appears twice in the target, cell 5's not at all.
+    cells = torch.arange(16)
+    query = AnatomySearchIndex.from_embedding(one_hot_embedding(cells))
+    target = AnatomySearchIndex.from_embedding(one_hot_embedding(torch.where(cells == 5, 4, cells)))
+    grid_cells = torch.stack(torch.meshgrid(*(torch.arange(n) for n in LOCAL_GRID), indexing="ij"), -1).reshape(-1, 3)
+    centres = cell_to_voxel(grid_cells, 2, SHAPE)
+    labels = torch.ones(SHAPE, dtype=torch.long)
+    outcomes = match_labelled_points(
+        centres, query, target, labels, labels, spacing=(2.0, 1.0, 1.0), exclusion_radius=0
+    )
+    # Local one-hot + constant global: 1 at an equal vector, 1/2 elsewhere.
+    expected_second = torch.full((16,), 0.5)
+    expected_second[4] = 1.0  # cell 4's other copy, outside the radius-0 box
+    expected_second[5] = 0.5  # cell 5 matches nothing: every cell scores 1/2
+    torch.testing.assert_close(outcomes.second_score, expected_second)
+    # Cell 5 lands on target cell 0 (the first of equal scores), which returns to query cell 0.
+    expected_cycle = torch.zeros(16, dtype=torch.float64)
+    expected_cycle[5] = math.hypot(2 * 2.0, 2 * 1.0)
+    torch.testing.assert_close(outcomes.cycle_error_mm, expected_cycle)
+    criteria = outcomes.criteria()
+    assert set(criteria) == set(ACCEPTANCE_CRITERIA)
+    assert criteria["distinctiveness"][4] == 0 and criteria["distinctiveness"][0] > 1e6
+    # A box covering the whole grid leaves no second-best cell.
+    scores = torch.rand(3, 16)
+    assert bool(torch.isneginf(second_best_scores(scores, target, exclusion_radius=4)).all())
+    box_one = second_best_scores(torch.eye(16)[:1] + torch.arange(16) / 100, target, exclusion_radius=1)
+    # Best cell 0 = (0, 0, 0); cells within one cell per axis are (0|1, 0|1, 0|1): 0-7 all excluded.
+    torch.testing.assert_close(box_one, torch.tensor([0.15]))
+    with pytest.raises(ValueError, match="exclusion_radius"):
+        second_best_scores(scores, target, exclusion_radius=-1)
+
+
+def test_summary_scores_each_acceptance_criterion() -> None:
+    outcomes = MatchOutcomes(
+        hit=torch.tensor([True, True, False, False]),
+        score=torch.tensor([0.9, 0.8, 0.95, 0.85]),
+        similarity_mean=torch.tensor([0.1, 0.1, 0.1, 0.1]),
+        chance=torch.full((4,), 0.5, dtype=torch.float64),
+        error_mm=torch.tensor([1.0, 2.0, 3.0, 4.0]),
+        second_score=torch.tensor([0.5, 0.5, 0.9, 0.9]),
+        cycle_error_mm=torch.tensor([0.0, 1.0, 9.0, 3.0]),
+    )
+    summary = outcomes.summary()
+    # Raw scores: hits 0.9, 0.8 against misses 0.95, 0.85: one of four comparisons won.
+    assert summary["hit_score_auc"] == pytest.approx(0.25)
+    assert summary["hit_margin_auc"] == pytest.approx(0.25)
+    # Distinctiveness 5, 2.5 for the hits against 2, 2/3 for the misses; cycle 0, -1 against -9, -3.
+    assert summary["hit_distinctiveness_auc"] == pytest.approx(1.0) and summary["hit_cycle_auc"] == pytest.approx(1.0)
+    assert summary["cycle_top_half_hit_rate"] == pytest.approx(1.0)
+    assert summary["cycle_top_half_error_mm_mean"] == pytest.approx(1.5)
+    assert summary["score_top_half_hit_rate"] == pytest.approx(0.5)
+    assert summary["score_top_quarter_hit_rate"] == pytest.approx(0.0)  # only 0.95, a miss
+    without_extras = MatchOutcomes(*(getattr(outcomes, name) for name in ("hit", "score", "similarity_mean", "chance")))
+    assert "hit_cycle_auc" not in without_extras.summary() and "hit_margin_auc" in without_extras.summary()
+    with pytest.raises(ValueError, match="mixes pairs with and without cycle_error_mm"):
+        MatchOutcomes.concatenate([outcomes, MatchOutcomes(**{**vars(outcomes), "cycle_error_mm": None})])
 
 
 def test_labelled_points_are_balanced_over_labels() -> None:

@@ -14,7 +14,9 @@ vectorised search (:func:`~accord_medssl.anatomy.miner.similarity_map`):
 Both report the best-match score distribution and the share accepted at the miner's threshold, so a
 uniformly similar embedding (every score near 1, acceptance regardless of correctness) shows up as
 a small gap between ``score_mean`` and ``similarity_mean`` and an ``accepted_hit_rate`` no better
-than ``hit_rate``.
+than ``hit_rate``. Besides the raw score, three other acceptance criteria are scored on the same
+matches (:data:`ACCEPTANCE_CRITERIA`): the margin over the mean score, the distinctiveness of the
+best match against the best one outside a small radius, and cycle consistency.
 """
 
 from __future__ import annotations
@@ -27,14 +29,16 @@ import torch
 import torch.nn.functional as F
 
 from accord.checks import check_tensor
-from accord_medssl.anatomy.miner import AnatomySearchIndex, best_matches, similarity_map
+from accord_medssl.anatomy.miner import AnatomySearchIndex, best_matches, similarity_map, unravel_cells
 
 __all__ = [
+    "ACCEPTANCE_CRITERIA",
     "DeformedCopy",
     "MatchOutcomes",
     "match_labelled_points",
     "random_deformed_copy",
     "sample_labelled_points",
+    "second_best_scores",
 ]
 
 
@@ -68,6 +72,19 @@ def sample_labelled_points(labels: torch.Tensor, count: int, generator: torch.Ge
     return torch.cat(points)
 
 
+#: Acceptance criteria scored by :meth:`MatchOutcomes.summary`, each "higher is more confident":
+#: ``score`` the best-match cosine (the miner's rule); ``margin`` the best score minus the query's
+#: mean score over the target; ``distinctiveness`` the cosine-distance ratio
+#: ``(1 - second_score) / (1 - score)`` of the best cell outside the exclusion radius over the best
+#: (Lowe's ratio test); ``cycle`` minus ``cycle_error_mm``, how far the match's own best match back
+#: in the query volume lands from the query point.
+ACCEPTANCE_CRITERIA = ("score", "margin", "distinctiveness", "cycle")
+
+#: Shares of the points kept, most confident first, at which :meth:`MatchOutcomes.summary` reports
+#: each criterion's hit rate (a threshold at the share's quantile of that criterion).
+KEPT_SHARES = {"top_half": 0.5, "top_quarter": 0.25}
+
+
 @dataclass(frozen=True)
 class MatchOutcomes:
     """Per-point results of matching query points into a target volume.
@@ -80,6 +97,10 @@ class MatchOutcomes:
         chance: ``(n,)`` share of target voxels carrying the query point's label (the hit rate of a
             random match).
         error_mm: ``(n,)`` distance between the match and the known true point, or ``None``.
+        second_score: ``(n,)`` best score among target cells farther than the exclusion radius
+            from the best cell (:func:`match_labelled_points`), or ``None``.
+        cycle_error_mm: ``(n,)`` distance between the query point and the best match, back in the
+            query volume, of its match, or ``None``.
     """
 
     hit: torch.Tensor
@@ -87,21 +108,35 @@ class MatchOutcomes:
     similarity_mean: torch.Tensor
     chance: torch.Tensor
     error_mm: torch.Tensor | None = None
+    second_score: torch.Tensor | None = None
+    cycle_error_mm: torch.Tensor | None = None
 
     @classmethod
     def concatenate(cls, outcomes: Sequence[MatchOutcomes]) -> MatchOutcomes:
-        """Pool the points of several volume pairs (all with or all without ``error_mm``).
+        """Pool the points of several volume pairs (each optional field in all of them or in none).
 
         Raises:
-            ValueError: no outcomes, or some with and some without ``error_mm``.
+            ValueError: no outcomes, or an optional field present in some and ``None`` in others.
         """
         if not outcomes:
             raise ValueError("outcomes: expected at least one MatchOutcomes")
-        with_error = {outcome.error_mm is not None for outcome in outcomes}
-        if len(with_error) > 1:
-            raise ValueError("outcomes: mixes pairs with and without error_mm")
-        fields = ["hit", "score", "similarity_mean", "chance"] + (["error_mm"] if with_error.pop() else [])
+        fields = ["hit", "score", "similarity_mean", "chance"]
+        for name in ("error_mm", "second_score", "cycle_error_mm"):
+            present = {getattr(outcome, name) is not None for outcome in outcomes}
+            if len(present) > 1:
+                raise ValueError(f"outcomes: mixes pairs with and without {name}")
+            fields += [name] if present.pop() else []
         return cls(**{name: torch.cat([getattr(outcome, name) for outcome in outcomes]) for name in fields})
+
+    def criteria(self) -> dict[str, torch.Tensor]:
+        """The :data:`ACCEPTANCE_CRITERIA` these outcomes allow, as ``(n,)`` float64, higher = more confident."""
+        score = self.score.double()
+        values = {"score": score, "margin": score - self.similarity_mean.double()}
+        if self.second_score is not None:
+            values["distinctiveness"] = (1 - self.second_score.double()) / (1 - score).clamp(min=1e-9)
+        if self.cycle_error_mm is not None:
+            values["cycle"] = -self.cycle_error_mm.double()
+        return values
 
     def summary(self, threshold: float = 0.7) -> dict[str, float]:
         """Pooled statistics.
@@ -113,10 +148,13 @@ class MatchOutcomes:
             ``points``; ``hit_rate`` and ``chance_hit_rate``; ``score_mean``, ``score_p05``,
             ``score_p50``, ``score_p95`` of the best-match score; ``similarity_mean`` (mean score
             over all target cells); ``accepted`` (share with ``score > threshold``) and
-            ``accepted_hit_rate`` (NaN when none is accepted); ``hit_score_auc``, the chance that a
-            hit scores above a miss (ties count half; 0.5: the score says nothing about
-            correctness, NaN without both hits and misses); with known true points also
-            ``error_mm_mean``, ``error_mm_p50`` and ``error_mm_p90``.
+            ``accepted_hit_rate`` (NaN when none is accepted); for each of :meth:`criteria`
+            (``score`` always) ``hit_{criterion}_auc``, the chance that a hit scores above a miss
+            (ties count half; 0.5: the criterion says nothing about correctness, NaN without both
+            hits and misses) and, for each of :data:`KEPT_SHARES`, ``{criterion}_{share}_hit_rate``,
+            the hit rate among the points whose criterion is at least its ``1 - share`` quantile;
+            with known true points also ``error_mm_mean``, ``error_mm_p50``, ``error_mm_p90`` and
+            ``{criterion}_{share}_error_mm_mean``.
         """
         score = self.score.double()
         accepted = score > threshold
@@ -132,16 +170,22 @@ class MatchOutcomes:
             "similarity_mean": self.similarity_mean.double().mean().item(),
             "accepted": accepted.double().mean().item(),
             "accepted_hit_rate": self.hit[accepted].double().mean().item() if bool(accepted.any()) else math.nan,
-            "hit_score_auc": _auc(score[self.hit], score[~self.hit]),
         }
-        if self.error_mm is not None:
-            error = self.error_mm.double()
+        error = None if self.error_mm is None else self.error_mm.double()
+        if error is not None:
             error_quantiles = torch.quantile(error, torch.tensor([0.5, 0.9], dtype=torch.float64, device=error.device))
             result.update(
                 error_mm_mean=error.mean().item(),
                 error_mm_p50=error_quantiles[0].item(),
                 error_mm_p90=error_quantiles[1].item(),
             )
+        for criterion, values in self.criteria().items():
+            result[f"hit_{criterion}_auc"] = _auc(values[self.hit], values[~self.hit])
+            for share_name, share in KEPT_SHARES.items():
+                kept = values >= torch.quantile(values, 1 - share)
+                result[f"{criterion}_{share_name}_hit_rate"] = self.hit[kept].double().mean().item()
+                if error is not None:
+                    result[f"{criterion}_{share_name}_error_mm_mean"] = error[kept].mean().item()
         return result
 
 
@@ -154,6 +198,36 @@ def _auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
     return (above + 0.5 * tied).item()
 
 
+def second_best_scores(scores: torch.Tensor, target: AnatomySearchIndex, exclusion_radius: int) -> torch.Tensor:
+    """Each row's best score among the cells farther than ``exclusion_radius`` from its best cell.
+
+    Distances are Chebyshev distances on the target's local grid, so the excluded neighbourhood is
+    the ``(2 r + 1)^3`` box of cells around the best one (cut at the grid's edges).
+
+    Args:
+        scores: ``(n, N_l)`` scores over the target's local grid (:func:`similarity_map`).
+        target: the index the scores were computed against.
+        exclusion_radius: cells per axis around the best cell left out (>= 0).
+
+    Returns:
+        ``(n,)`` second-best scores, ``-inf`` for a row whose box covers the whole grid.
+
+    Raises:
+        ValueError: a negative radius or scores of another grid size.
+    """
+    if exclusion_radius < 0:
+        raise ValueError(f"exclusion_radius: expected >= 0 cells, got {exclusion_radius!r}")
+    grid = tuple(target.embedding.local_map.shape[1:])
+    check_tensor(scores, "scores", shape=(None, math.prod(grid)), floating=True)
+    best_cells = unravel_cells(scores.argmax(dim=1), grid)  # (n, 3)
+    near = [
+        (torch.arange(size, device=scores.device)[None] - best_cells[:, axis, None]).abs() <= exclusion_radius
+        for axis, size in enumerate(grid)
+    ]  # per axis (n, size)
+    box = near[0][:, :, None, None] & near[1][:, None, :, None] & near[2][:, None, None, :]  # (n, *grid)
+    return scores.masked_fill(box.flatten(1), -math.inf).amax(dim=1)
+
+
 def match_labelled_points(
     points: torch.Tensor,
     query: AnatomySearchIndex,
@@ -162,8 +236,13 @@ def match_labelled_points(
     target_labels: torch.Tensor,
     true_points: torch.Tensor | None = None,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    exclusion_radius: int = 2,
 ) -> MatchOutcomes:
     """Match query points into the target as the miner does and score the matches.
+
+    Besides the miner's best score, records what the other :data:`ACCEPTANCE_CRITERIA` need: the
+    second-best score outside ``exclusion_radius`` and the cycle error (each match matched back
+    into the query volume).
 
     Args:
         points: ``(n, 3)`` long voxel indices in the query volume.
@@ -173,7 +252,8 @@ def match_labelled_points(
         target_labels: ``(D', H', W')`` integer labels of the target volume.
         true_points: ``(n, 3)`` float true positions of the points in target voxel coordinates,
             if known (e.g. :attr:`DeformedCopy.source_points`).
-        spacing: the target's voxel size in mm, for ``error_mm``.
+        spacing: the voxel size in mm of both volumes, for ``error_mm`` and ``cycle_error_mm``.
+        exclusion_radius: local cells around the best match left out of ``second_score``.
 
     Returns:
         The per-point outcomes (on the CPU).
@@ -185,6 +265,8 @@ def match_labelled_points(
     check_tensor(target_labels, "target_labels", shape=tuple(target.embedding.volume_shape), floating=False)
     scores = similarity_map(points, query, target)
     matched, best_score = best_matches(scores, target)
+    returned, _ = best_matches(similarity_map(matched, target, query), query)
+    millimetres = torch.tensor(tuple(spacing), dtype=torch.float64)
     matched = matched.cpu()
     query_label = query_labels.cpu()[tuple(points.cpu().T)]
     target_labels = target_labels.cpu()
@@ -194,7 +276,6 @@ def match_labelled_points(
     error_mm = None
     if true_points is not None:
         check_tensor(true_points, "true_points", shape=tuple(points.shape), floating=True)
-        millimetres = torch.tensor(tuple(spacing), dtype=torch.float64)
         error_mm = ((matched.double() - true_points.cpu().double()) * millimetres).norm(dim=1)
     return MatchOutcomes(
         hit=hit,
@@ -202,6 +283,8 @@ def match_labelled_points(
         similarity_mean=scores.mean(dim=1).cpu(),
         chance=label_share[query_label.long()],
         error_mm=error_mm,
+        second_score=second_best_scores(scores, target, exclusion_radius).cpu(),
+        cycle_error_mm=((returned.cpu() - points.cpu()).double() * millimetres).norm(dim=1),
     )
 
 

@@ -31,7 +31,15 @@ from accord.checks import check_tensor
 from accord_medssl.anatomy.embedding import AnatomyEmbedding, Embedder
 from accord_medssl.anatomy.grid import cell_to_voxel, crop_with_zero_padding, voxel_to_cell
 
-__all__ = ["AnatomicalViewMiner", "AnatomySearchIndex", "MinedViews", "best_matches", "match_points", "similarity_map"]
+__all__ = [
+    "AnatomicalViewMiner",
+    "AnatomySearchIndex",
+    "MinedViews",
+    "best_matches",
+    "match_points",
+    "similarity_map",
+    "unravel_cells",
+]
 
 
 def _ravel(cells: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
@@ -39,12 +47,9 @@ def _ravel(cells: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     return (cells[..., 0] * grid[1] + cells[..., 1]) * grid[2] + cells[..., 2]
 
 
-def _unravel(flat: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """``(..., 3)`` cells of C-order flat indices on ``grid``."""
-    last = flat % grid[2]
-    middle = torch.div(flat, grid[2], rounding_mode="floor") % grid[1]
-    first = torch.div(flat, grid[1] * grid[2], rounding_mode="floor")
-    return torch.stack([first, middle, last], dim=-1)
+def unravel_cells(flat: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """``(..., 3)`` cells of C-order flat indices on a 3D ``grid``."""
+    return torch.stack(torch.unravel_index(flat, tuple(grid)), dim=-1)
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ class AnatomySearchIndex:
         local_grid = tuple(embedding.local_map.shape[1:])
         global_grid = tuple(embedding.global_map.shape[1:])
         flat_local = torch.arange(embedding.local_map[0].numel(), device=embedding.local_map.device)
-        local_cells = _unravel(flat_local, local_grid)
+        local_cells = unravel_cells(flat_local, local_grid)
         centres = cell_to_voxel(local_cells, embedding.local_stride, embedding.volume_shape)
         global_cells = voxel_to_cell(centres, embedding.global_stride, embedding.volume_shape)
         return cls(
@@ -140,7 +145,7 @@ def best_matches(scores: torch.Tensor, target: AnatomySearchIndex) -> tuple[torc
     """
     best_score, best_cell = scores.max(dim=1)
     embedding = target.embedding
-    local_cells = _unravel(best_cell, embedding.local_map.shape[1:])
+    local_cells = unravel_cells(best_cell, embedding.local_map.shape[1:])
     return cell_to_voxel(local_cells, embedding.local_stride, embedding.volume_shape), best_score
 
 
@@ -337,7 +342,7 @@ class AnatomicalViewMiner:
         while attempts < self.max_attempts and not accepted:
             count = min(self.candidates_per_round, self.max_attempts - attempts)
             picks = torch.randint(foreground.numel(), (count,), generator=generator).to(foreground.device)
-            points = _unravel(foreground[picks], shape)
+            points = unravel_cells(foreground[picks], shape)
             matched, scores = match_points(points, query_index, anchor_index)
             passing = (scores > self.similarity_threshold).nonzero()
             # The first passing candidate, as if the points had been tried one after another.
