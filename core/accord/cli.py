@@ -173,13 +173,15 @@ def data_check(
     typer.echo(f"{root}: OK ({comp.qualname})")
 
 
-@app.command("benchmark")
+@app.command("benchmark", context_settings={"ignore_unknown_options": True})
 def benchmark_command(
     plugin: str = typer.Argument(..., help="plugin to benchmark (e.g. engine, core, medssl)"),
     data: Optional[Path] = typer.Option(None, "--data", help="dataset root (default: generated sample data)"),
     quick: bool = typer.Option(False, "--quick", help="a few-minute version for demos"),
     out: Optional[Path] = typer.Option(None, "--out", help="output directory (default runs/benchmark-PLUGIN)"),
-    options: List[str] = typer.Argument(None, help="extra dotted key=value options for the benchmark config"),
+    options: List[str] = typer.Argument(
+        None, help="extra options for the benchmark config: dotted key=value, or --key value / --key=value"
+    ),
 ) -> None:
     """Run a plugin's benchmark task and print its results table.
 
@@ -189,10 +191,43 @@ def benchmark_command(
 
         accord benchmark core --quick
 
-        accord benchmark medssl --data /data/Task09_Spleen method=alice
+        accord benchmark medssl --method alice --data /data/Task09_Spleen
+
+        accord benchmark medssl --quick alice_steps=300 'seeds=[0,1,2]'
     """
-    result = run_benchmark(plugin, data=data, quick=quick, out=out, options=options or [])
+    try:
+        overrides = flags_as_overrides(options or [])
+    except ValueError as exc:
+        _fail(str(exc))
+    result = run_benchmark(plugin, data=data, quick=quick, out=out, options=overrides)
     typer.echo(result.get("markdown", json.dumps(result, indent=2, default=str)))
+
+
+def flags_as_overrides(items: list[str]) -> list[str]:
+    """Benchmark options as ``key=value`` overrides: ``--alice-steps 300`` and ``--method=alice``
+    become ``alice_steps=300`` and ``method=alice``; ``key=value`` items pass unchanged.
+
+    Raises:
+        ValueError: a ``--key`` without a value.
+    """
+    overrides: list[str] = []
+    pending: str | None = None
+    for item in items:
+        if pending is not None:
+            overrides.append(f"{pending}={item}")
+            pending = None
+        elif item.startswith("--"):
+            key, has_value, value = item[2:].partition("=")
+            key = key.replace("-", "_")
+            if has_value:
+                overrides.append(f"{key}={value}")
+            else:
+                pending = key
+        else:
+            overrides.append(item)
+    if pending is not None:
+        raise ValueError(f"accord benchmark: option --{pending.replace('_', '-')} needs a value")
+    return overrides
 
 
 def run_benchmark(

@@ -1,0 +1,22 @@
+"""``accord benchmark`` options: ``key=value`` overrides and ``--key value`` flags are the same thing."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from accord.cli import app, flags_as_overrides
+
+
+def test_flags_become_dotted_overrides() -> None:
+    assert flags_as_overrides(["--method", "alice", "--alice-steps=300", "seeds=[0,1]", "--trainer.lr", "0.1"]) == [
+        "method=alice", "alice_steps=300", "seeds=[0,1]", "trainer.lr=0.1"]
+    with pytest.raises(ValueError, match="option --finetune-steps needs a value"):
+        flags_as_overrides(["--finetune-steps"])
+
+
+def test_an_unknown_flag_is_a_one_line_config_error_naming_the_closest_key(tmp_path) -> None:
+    result = CliRunner().invoke(app, ["benchmark", "core", "--quick", "--out", str(tmp_path), "--pretrain-step", "5"])
+    assert result.exit_code != 0
+    assert "unknown key 'pretrain_step' (did you mean 'pretrain_steps'?)" in result.output
+    assert not (tmp_path / "results.md").exists()
