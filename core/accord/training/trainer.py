@@ -138,9 +138,19 @@ def setup_distributed(backend: str = "auto", device: str = "auto") -> Distribute
     )
 
 
-def teardown_distributed(context: DistributedContext) -> None:
-    """Destroy the process group if :func:`setup_distributed` created it."""
+def teardown_distributed(context: DistributedContext, completed: bool = True) -> None:
+    """Destroy the process group if :func:`setup_distributed` created it.
+
+    Args:
+        context: what :func:`setup_distributed` returned.
+        completed: every rank got here normally, so they wait for each other first (tearing gloo
+            down while another rank still talks to it can abort that rank at exit: "terminate
+            called without an active exception"); after an error a rank leaves at once, since
+            the others may never arrive.
+    """
     if context.owns_process_group and adist.is_distributed():
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -389,10 +399,13 @@ class Trainer:
             ValueError: the batch size does not split over ranks and micro-batches.
         """
         context = setup_distributed(self.config.backend, self.config.device)
+        completed = False
         try:
-            return self._fit(context, model, dataset, collate_fn)
+            result = self._fit(context, model, dataset, collate_fn)
+            completed = True
+            return result
         finally:
-            teardown_distributed(context)
+            teardown_distributed(context, completed)
 
     def _checkpoint_to_resume(self) -> tuple[Path, dict[str, Any]] | None:
         resume = self.config.resume
