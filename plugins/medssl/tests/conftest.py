@@ -41,6 +41,20 @@ def msd_root(tmp_path_factory: pytest.TempPathFactory, phantom_spec: PhantomSpec
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_alice() -> dict:
+    """``AliceOptions`` fields of the smallest Alice network (SwinUNETR feature size 12, 32-d heads)."""
+    return {
+        "backbone": {"feature_size": 12, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8), "window_size": 4,
+                     "norm_name": "batch"},
+        "out_dim": 32,
+        "head_hidden_dim": 32,
+        "head_bottleneck_dim": 16,
+        "casa_hidden_dim": 32,
+        "casa_num_heads": 4,
+    }
+
+
 @pytest.fixture
 def only_medssl(monkeypatch: pytest.MonkeyPatch):
     """Load medssl alone (other plugins of the checkout may be mid-installation) with a fresh host."""

@@ -18,15 +18,6 @@ from accord_medssl.export import export_monai, sidecar_path
 from accord_medssl.finetune import FinetuneConfig, initial_network
 from accord_medssl.tasks import AlicePretraining, PretrainConfig
 
-TINY_ALICE = {
-    "backbone": {"feature_size": 12, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8), "window_size": 4, "norm_name": "batch"},
-    "out_dim": 32,
-    "head_hidden_dim": 32,
-    "head_bottleneck_dim": 16,
-    "casa_hidden_dim": 32,
-    "casa_num_heads": 4,
-}
-
 
 def _pretraining_run(run_dir: Path, data: Path, model: torch.nn.Module, **config: object) -> Path:
     """A pretraining run directory as the pretrain task leaves it: config.yaml and one checkpoint."""
@@ -42,13 +33,15 @@ def _pretraining_run(run_dir: Path, data: Path, model: torch.nn.Module, **config
 
 
 @pytest.fixture(scope="module")
-def alice_checkpoint(msd_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AlicePretraining]:
+def alice_checkpoint(
+    msd_root: Path, tmp_path_factory: pytest.TempPathFactory, tiny_alice: dict
+) -> tuple[Path, AlicePretraining]:
     torch.manual_seed(0)
-    model = AlicePretraining(PretrainConfig(plugin="medssl", task="pretrain", data=msd_root, alice=TINY_ALICE).alice)
+    model = AlicePretraining(PretrainConfig(plugin="medssl", task="pretrain", data=msd_root, alice=tiny_alice).alice)
     with torch.no_grad():  # a teacher that differs from the student, as after training
         model.teacher.teacher.backbone.swin_unetr.swinViT.patch_embed.proj.weight.add_(1.0)
     run_dir = tmp_path_factory.mktemp("alice")
-    checkpoint = _pretraining_run(run_dir, msd_root, model, method="alice", alice=TINY_ALICE, mining={"embeddings": run_dir})
+    checkpoint = _pretraining_run(run_dir, msd_root, model, method="alice", alice=tiny_alice, mining={"embeddings": run_dir})
     return checkpoint, model
 
 

@@ -24,14 +24,6 @@ from accord_medssl.tasks import (
 from accord_medssl.views import pretraining_items, volume_key
 
 REPO = Path(__file__).resolve().parents[3]
-TINY_ALICE = {
-    "backbone": {"feature_size": 12, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8), "window_size": 4, "norm_name": "batch"},
-    "out_dim": 32,
-    "head_hidden_dim": 32,
-    "head_bottleneck_dim": 16,
-    "casa_hidden_dim": 32,
-    "casa_num_heads": 4,
-}
 
 
 def _config(data: Path, **fields: object) -> PretrainConfig:
@@ -70,9 +62,9 @@ def _write_embeddings(root: Path, out: Path) -> None:
         np.save(f"{key}_local.npy", embedding.local_map.numpy())
 
 
-def test_alice_views_pair_two_volumes_and_follow_the_global_rng(msd_root: Path, tmp_path: Path) -> None:
+def test_alice_views_pair_two_volumes_and_follow_the_global_rng(msd_root: Path, tmp_path: Path, tiny_alice: dict) -> None:
     _write_embeddings(msd_root, tmp_path / "embeddings")
-    cfg = _config(msd_root, method="alice", crop_size=(32, 32, 32), alice=TINY_ALICE,
+    cfg = _config(msd_root, method="alice", crop_size=(32, 32, 32), alice=tiny_alice,
                   mining={"embeddings": tmp_path / "embeddings", "similarity_threshold": 0.5})
     model, dataset = build_pretraining(cfg)
     assert isinstance(model, AlicePretraining)
@@ -124,10 +116,10 @@ def test_alice_gets_the_reference_optimisation_unless_the_config_sets_it(msd_roo
     assert anatomy.freeze_parameters is None and anatomy.grad_clip_mode == "global"
 
 
-def test_alice_prototype_pattern_matches_exactly_the_student_prototype_layers() -> None:
+def test_alice_prototype_pattern_matches_exactly_the_student_prototype_layers(tiny_alice: dict) -> None:
     import re
 
-    names = [name for name, _ in AlicePretraining(AliceOptions(**TINY_ALICE)).named_parameters()]
+    names = [name for name, _ in AlicePretraining(AliceOptions(**tiny_alice)).named_parameters()]
     frozen = {name for name in names if re.search(ALICE_PROTOTYPES, name)}
     assert frozen and all(".last_layer." in name and name.startswith("student.") for name in frozen)
     assert {name.split(".")[1] for name in frozen} == {"pooled_head", "token_head"}
