@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from accord.schedules import cosine_schedule, linear_schedule, linear_warmup_cosine
+from accord.utils.schedules import cosine_schedule, linear_schedule, linear_warmup_cosine
 
 
 def test_cosine_schedule_endpoints_midpoint_and_monotone():

@@ -43,6 +43,9 @@ def _full_inputs(dtype: torch.dtype) -> dict[str, torch.Tensor]:
         "sparse_labels": torch.tensor([0, 1, 2, 9, 9, 6, 0, 1, 7, 2, 8, 3]),
         # Local key indices; the single-process run offsets them by the owning rank's first row.
         "index": torch.randint(0, N_LOCAL, (n, 2), generator=gen),
+        # Per-row candidates index the keys of all ranks, so they are the same in both runs.
+        "candidates": torch.randint(0, n, (n, 4), generator=gen),
+        "candidate_mask": torch.rand(n, 4, generator=gen) < 0.7,
     }
 
 
@@ -75,6 +78,11 @@ CONFIGS: dict[str, tuple[Callable[[bool, bool], nn.Module], Callable[[nn.Module,
     "infonce_multi_positive": (
         lambda g, t: InfoNCELoss(0.4, gather_distributed=g, tiled=t, tile_size=4),
         lambda f, x: f(x["a"], x["b"], positive_index=x["index"]),
+    ),
+    "infonce_candidates": (
+        lambda g, t: InfoNCELoss(0.4, gather_distributed=g, tiled=t, tile_size=4),
+        lambda f, x: f(x["a"], x["b"], positive_index=x["index"][:, 0], candidates=x["candidates"],
+                       candidate_mask=x["candidate_mask"]),
     ),
     "infonce_labels": (
         lambda g, t: InfoNCELoss(0.4, symmetric=True, gather_distributed=g, tiled=t, tile_size=7),

@@ -113,20 +113,13 @@ def test_tiled_row_stats_match_logsumexp_and_softmax_weights() -> None:
     _assert_close(soft_target, (teacher_logits.softmax(dim=1) * logits).sum(dim=1))
 
 
-def test_tiled_path_saves_no_logits_for_backward() -> None:
+def test_tiled_path_saves_no_logits_for_backward(saved_tensor_sizes: list[int]) -> None:
     n, m, tile = 512, 384, 32
     query, key = _inputs(n, m, dim=8, seed=4)
     query.requires_grad_()
-    saved: list[int] = []
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        saved.append(tensor.numel())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        info_nce(query, key, positive_index=torch.arange(n) % m, tiled=True, tile_size=tile).backward()
+    info_nce(query, key, positive_index=torch.arange(n) % m, tiled=True, tile_size=tile).backward()
     # Inputs, normalised features and per-row vectors only: nothing near the n x m logits.
-    assert max(saved) <= max(n, m) * 8 < n * m // 16
+    assert max(saved_tensor_sizes) <= max(n, m) * 8 < n * m // 16
 
 
 def test_auto_mode_tiles_only_above_one_tile(monkeypatch: pytest.MonkeyPatch) -> None:

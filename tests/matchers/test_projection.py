@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accord.matchers import PointProjectionMatcher
+from accord.matchers import PointProjectionMatcher, project_points
 
 HEIGHT, WIDTH = 40, 64
 FOCAL, CX, CY = 50.0, 31.5, 20.0
@@ -140,3 +140,72 @@ def test_bad_input(kwargs: dict, name: str) -> None:
 def test_bad_min_depth() -> None:
     with pytest.raises(ValueError, match="min_depth"):
         PointProjectionMatcher(min_depth=-1.0)
+
+
+# Points in the camera frame at depth 2 with f = 128, c = (50, 20): u = 64 x + 50 and v = 64 y + 20
+# exactly in binary floating point, so the border cases below sit exactly on the bounds.
+EXACT = torch.tensor([[128.0, 0.0, 50.0, 0.0], [0.0, 128.0, 20.0, 0.0], [0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+EXACT_SIZE = (40, 100)
+
+
+def _camera_point(u: float, v: float, depth: float = 2.0) -> list[float]:
+    return [(u - 50.0) * depth / 128.0, (v - 20.0) * depth / 128.0, depth]
+
+
+# (u, v, depth, kept with margin 0, kept with margin 1)
+BORDER_CASES = [
+    (-0.5, 10.0, 2.0, True, False),  # lower bound: inclusive
+    (-0.75, 10.0, 2.0, False, False),
+    (99.25, 10.0, 2.0, True, False),  # last column
+    (99.5, 10.0, 2.0, False, False),  # upper bound W - 0.5: exclusive
+    (0.5, -0.5, 2.0, True, False),
+    (0.5, 39.5, 2.0, False, False),  # H - 0.5
+    (0.5, 0.5, 2.0, True, True),  # margin 1: lower bound 0.5, inclusive
+    (98.25, 38.25, 2.0, True, True),
+    (98.5, 10.0, 2.0, True, False),  # margin 1: upper bound W - 1.5, exclusive
+    (50.0, 20.0, 1.0, False, False),  # depth == min_depth: dropped
+    (50.0, 20.0, 1.25, True, True),
+]
+
+
+@pytest.mark.parametrize("margin, column", [(0.0, 3), (1.0, 4)])
+def test_project_points_rule_at_the_borders(margin: float, column: int) -> None:
+    points = torch.tensor([_camera_point(u, v, d) for u, v, d, *_ in BORDER_CASES], dtype=torch.float64)
+    found = project_points(points, EXACT, EXACT_SIZE, min_depth=1.0, margin=margin)
+    assert found.valid.tolist() == [case[column] for case in BORDER_CASES]
+    expected = torch.tensor([case[:2] for case in BORDER_CASES], dtype=torch.float64)
+    torch.testing.assert_close(found.pixel[found.valid], expected[found.valid])
+    assert found.pixel.shape == (len(BORDER_CASES), 2) and found.depth.dtype == torch.float64
+
+
+def test_project_points_stacks_views_and_agrees_with_the_matcher() -> None:
+    points = torch.tensor([_camera_point(u, v, d) for u, v, d, *_ in BORDER_CASES], dtype=torch.float32)
+    found = project_points(points, torch.stack([EXACT, EXACT]), EXACT_SIZE)
+    assert found.pixel.shape == (2, len(BORDER_CASES), 2) and found.valid.shape == (2, len(BORDER_CASES))
+    single = project_points(points, EXACT, EXACT_SIZE)
+    assert torch.equal(found.valid[1], single.valid)
+    # The matcher keeps exactly the valid points, in the pixel floor((v, u) + 0.5).
+    match = PointProjectionMatcher()(points=points, image_size=EXACT_SIZE, projection=EXACT)
+    assert match.index_a.tolist() == single.valid.nonzero().squeeze(1).tolist()
+    cells = torch.floor(single.pixel[single.valid] + 0.5).long()
+    assert match.index_b.tolist() == (cells[:, 1] * EXACT_SIZE[1] + cells[:, 0]).tolist()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"margin": -1.0}, "margin: expected a finite number >= 0"),
+        ({"min_depth": float("inf")}, "min_depth: expected a finite number >= 0"),
+        ({"projection": torch.eye(3)}, r"projection: expected shape \(3, 4\)"),
+        ({"points": torch.zeros(3, 2)}, r"points: expected shape"),
+        ({"points": torch.zeros(3, 3, dtype=torch.long)}, "points: expected a floating-point tensor"),
+        ({"image_size": (40,)}, "image_size"),
+    ],
+)
+def test_project_points_bad_input(kwargs: dict, message: str) -> None:
+    arguments = {"points": torch.zeros(2, 3), "projection": EXACT, "image_size": EXACT_SIZE, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        project_points(**arguments)
+    if "margin" in kwargs:
+        with pytest.raises(ValueError, match="margin"):
+            PointProjectionMatcher(margin=kwargs["margin"])

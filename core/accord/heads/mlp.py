@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from accord.checks import check_tensor
+from accord.utils.checks import check_tensor
 
 __all__ = ["ProjectionHead", "PredictionHead", "DINOHead", "DenseProjectionHead"]
 

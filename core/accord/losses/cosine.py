@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accord.checks import check_finite, check_same_shape, check_tensor
+from accord.utils.checks import check_finite, check_same_shape, check_tensor
 from accord.losses.precision import float32_forward
 
 __all__ = ["NegativeCosineSimilarity", "MaskedDenseCosineLoss"]

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from accord import dist as accord_dist
-from accord.checks import check_finite, check_positive, check_tensor
+from accord.utils.checks import check_finite, check_positive, check_tensor
 from accord.losses.precision import float32_forward
-from accord.schedules import linear_schedule
+from accord.utils.schedules import linear_schedule
 
 __all__ = ["DINOLoss", "IBOTPatchLoss"]
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from accord import dist as accord_dist
-from accord.checks import check_finite, check_index_range, check_tensor
+from accord.utils.checks import check_finite, check_index_range, check_tensor
 from accord.losses.precision import float32_forward
 from accord.losses.infonce import InfoNCELoss
 

@@ -6,7 +6,8 @@ For L2-normalised query rows ``q_i`` ``(N, D)`` and key columns ``k_j`` ``(M, D)
     loss_i = -sum_j t_ij s_ij + logsumexp_{j in C_i} s_ij
 
 where ``C_i`` is row ``i``'s candidate set (all key columns, minus its own column under
-``exclude_self``, plus any extra ``negatives``) and ``t_i`` is a target distribution over ``C_i``:
+``exclude_self``, plus any extra ``negatives``; or, with per-row ``candidates``, only its positives
+and the keys listed for it) and ``t_i`` is a target distribution over ``C_i``:
 
 * **positive index** - one-hot at ``positive_index[i]``, or uniform over ``positive_index[i, :]``
   (multi-positive); without any target argument, row ``i`` is paired with key ``i``;
@@ -21,7 +22,8 @@ bf16 autocast still accumulates in fp32) and every normaliser is a log-sum-exp.
 
 Memory: the dense path builds the ``N x M`` logits; the tiled path
 (:mod:`accord.losses.tiled`) streams them in tiles and is used automatically once ``N * M`` exceeds
-one ``tile_size x tile_size`` tile. Index and label targets are linear in the keys, so their
+one ``tile_size x tile_size`` tile (per-row candidates: once the gathered candidate keys exceed
+one tile, then gathered chunk by chunk). Index and label targets are linear in the keys, so their
 weighted logit ``sum_j t_ij s_ij = q_i . mean(positive keys) / temperature`` is computed in closed
 form (per-label key sums) by both paths, never through an ``N x M`` mask.
 
@@ -40,12 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from accord import dist as adist
-from accord.checks import check_finite, check_index_range, check_positive, check_same_shape, check_tensor
+from accord.utils.checks import check_finite, check_index_range, check_positive, check_same_shape, check_tensor
 from accord.losses.memory import MemoryQueue
 from accord.losses.precision import autocast_disabled
 from accord.losses.tiled import (
     DEFAULT_TILE_SIZE,
     TeacherTargets,
+    candidate_logits,
+    candidate_logsumexp,
     self_positions,
     teacher_logits,
     teacher_weights_,
@@ -180,6 +184,89 @@ def _reduce(
     return per_row.sum() / (valid / world) if valid else per_row.sum() * 0.0
 
 
+def _check_candidates(
+    candidates: torch.Tensor,
+    candidate_mask: torch.Tensor | None,
+    n_rows: int,
+    n_cols: int,
+    kind: str,
+    in_batch_negatives: bool,
+    exclude_self: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the per-row candidates of :func:`info_nce`.
+
+    Returns:
+        ``(candidates, valid)``, both ``(N, K)``: long indices with padded entries set to 0 (so a
+        gather stays in range) and the bool mask of real candidates.
+    """
+    if kind != "index":
+        raise ValueError(f"candidates: per-row candidates need positive_index or paired rows, got {kind} targets")
+    if not in_batch_negatives:
+        raise ValueError(
+            "in_batch_negatives: False cannot be combined with candidates; a row's candidates are "
+            "already exactly its positives and the keys listed for it"
+        )
+    if exclude_self:
+        raise ValueError("exclude_self: cannot be combined with candidates; leave the row's own key out of them")
+    check_tensor(candidates, "candidates", ndim=2, floating=False, min_rows=0)
+    if candidates.shape[0] != n_rows:
+        raise ValueError(f"candidates: expected shape ({n_rows}, K), one row per query, got {tuple(candidates.shape)}")
+    if candidate_mask is None:
+        valid = torch.ones_like(candidates, dtype=torch.bool)
+    else:
+        check_tensor(candidate_mask, "candidate_mask", shape=tuple(candidates.shape), min_rows=0)
+        if candidate_mask.dtype != torch.bool:
+            raise ValueError(
+                f"candidate_mask: expected a bool tensor (True = real candidate), got dtype {candidate_mask.dtype}"
+            )
+        valid = candidate_mask.to(candidates.device)
+    check_index_range(candidates[valid], "candidates", n_cols)
+    # Padding may hold any value (e.g. -1): index 0 keeps the gather in range, the mask drops it.
+    return torch.where(valid, candidates.long(), 0), valid
+
+
+def _candidate_row_lse(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    scale: float,
+    positive_index: torch.Tensor,
+    positive_logits: torch.Tensor,
+    candidates: torch.Tensor,
+    valid: torch.Tensor,
+    tile_size: int,
+    tiled: bool | None,
+) -> torch.Tensor:
+    """Per-row LSE over the row's distinct positives and its valid candidates that are not positives.
+
+    Args:
+        query: ``(N, D)`` normalised queries.
+        keys: ``(M, D)`` normalised keys (all ranks' under the gather).
+        scale: ``1 / temperature``.
+        positive_index: ``(N, P)`` positive columns in ``keys``.
+        positive_logits: ``(N, P)`` their logits.
+        candidates: ``(N, K)`` long candidate columns (padding set to 0).
+        valid: ``(N, K)`` bool mask of real candidates.
+        tile_size: chunk bound of the tiled path.
+        tiled: force the tiled (``True``) or dense (``False``) path; ``None`` decides by size.
+
+    Returns:
+        ``(N,)`` log-sum-exp, finite (every row has a positive).
+    """
+    # A key repeated in positive_index (or also listed as a candidate) is one candidate column, as
+    # in the all-keys path: the normaliser counts it once.
+    positive_index, order = positive_index.sort(dim=1)
+    repeated = torch.zeros_like(positive_index, dtype=torch.bool)
+    repeated[:, 1:] = positive_index[:, 1:] == positive_index[:, :-1]
+    positive_logits = positive_logits.gather(1, order).masked_fill(repeated, float("-inf"))
+    valid = valid & ~(candidates[:, :, None] == positive_index[:, None, :]).any(dim=2)
+    use_tiled = tiled if tiled is not None else candidates.numel() * query.shape[1] > tile_size**2
+    if use_tiled:
+        candidate_lse = candidate_logsumexp(query, keys, scale, candidates, valid, tile_size)
+        return torch.logaddexp(torch.logsumexp(positive_logits, dim=1), candidate_lse)
+    logits, _ = candidate_logits(query * scale, keys, candidates, valid)
+    return torch.logsumexp(torch.cat([positive_logits, logits], dim=1), dim=1)
+
+
 def _check_targets(
     n_rows: int,
     n_keys: int,
@@ -252,6 +339,8 @@ def info_nce(
     *,
     temperature: float = 0.1,
     positive_index: torch.Tensor | None = None,
+    candidates: torch.Tensor | None = None,
+    candidate_mask: torch.Tensor | None = None,
     query_labels: torch.Tensor | None = None,
     key_labels: torch.Tensor | None = None,
     teacher_query: torch.Tensor | None = None,
@@ -272,6 +361,23 @@ def info_nce(
     or a teacher (``teacher_query`` / ``teacher_key``). Without any, row ``i`` is paired with key
     ``i``. Features need not be normalised; they are L2-normalised here.
 
+    **Per-row candidates.** By default every key column is a candidate of every row. With
+    ``candidates`` each row has its own set instead: the logits of row ``i`` are
+
+        ``[s(i, p) for each distinct positive p of row i] + [s(i, candidates[i, k]) for each k
+        with candidate_mask[i, k], unless candidates[i, k] is one of row i's positives]``
+
+    (plus the ``negatives`` columns, if given), and ``loss_i = -mean_p s(i, p) + logsumexp(row)``,
+    the one-hot or multi-positive target of the all-keys form. A candidate that is one of the row's
+    positives is already in the row and is not added again, so ``candidates`` listing every key
+    gives exactly the all-keys loss; a key listed twice as a candidate counts twice. A row whose
+    candidates are all padding keeps only its positive(s): its loss is 0 for one positive (the
+    log-softmax of a single logit), with zero gradient, and it still counts in the mean. This one
+    call covers mined negatives per anchor (``candidates`` = the mined key indices), in-image
+    negatives (the other regions of the query's image, padded to the largest image) and
+    batch-wide matched pairs (``candidates=None``: every key of the batch). Needs index or paired
+    targets; not combinable with ``in_batch_negatives=False`` or ``exclude_self``.
+
     Args:
         query: ``(N, D)`` query features.
         key: ``(M, D)`` key features (may be the same tensor as ``query``).
@@ -279,12 +385,17 @@ def info_nce(
         positive_index: ``(N,)`` or ``(N, P)`` long, index of each row's positive key(s) in
             ``key`` (this rank's keys; offset to the gathered keys internally). ``P > 1`` gives the
             uniform multi-positive target.
+        candidates: ``(N, K)`` integer, row ``i``'s candidate keys as indices into ``key`` (with
+            ``gather_distributed``: into the keys of all ranks, rank ``r``'s key ``j`` at
+            ``r * M + j``, so a row may take candidates from any rank). ``K`` may be 0.
+        candidate_mask: ``(N, K)`` bool, ``True`` for a real candidate; ``False`` entries are
+            padding and may hold any value (e.g. -1). Default: all real. Only with ``candidates``.
         query_labels: ``(N,)`` integer labels; positives are candidates with an equal key label.
         key_labels: ``(M,)`` integer labels; defaults to ``query_labels`` when ``N == M``.
         teacher_query: ``(N, Dt)`` teacher features of the queries (soft targets).
         teacher_key: ``(M, Dt)`` teacher features of the keys.
         teacher_temperature: temperature of the teacher's softmax, ``> 0``.
-        negatives: ``(K, D)`` extra negative-only columns (e.g. a memory queue); detached here.
+        negatives: ``(K_q, D)`` extra negative-only columns (e.g. a memory queue); detached here.
         in_batch_negatives: ``False`` restricts the key candidates to each row's positives, so the
             only negatives are ``negatives`` (the MoCo form). Needs index or paired targets.
         exclude_self: remove key ``i`` from row ``i``'s candidates (queries and keys are the same
@@ -296,7 +407,8 @@ def info_nce(
         gather_distributed: contrast against the keys of all ranks (gathered with gradient).
         tile_size: tile edge of the linear-memory path.
         tiled: ``True``/``False`` forces the tiled/dense path; ``None`` picks tiled when the logits
-            exceed one tile (``N * M_global > tile_size ** 2``).
+            exceed one tile (``N * M_global > tile_size ** 2``; with ``candidates``, when the
+            gathered candidate keys do: ``N * K * D > tile_size ** 2``).
 
     Returns:
         A scalar, or ``(N,)`` for ``reduction="none"``; float32 (float64 for float64 inputs).
@@ -309,10 +421,20 @@ def info_nce(
         - query: :math:`(N, D)`
         - key: :math:`(M, D)`
         - positive_index: :math:`(N,)` or :math:`(N, P)`
+        - candidates / candidate_mask: :math:`(N, K)`
         - query_labels / key_labels: :math:`(N,)` / :math:`(M,)`
         - teacher_query / teacher_key: :math:`(N, D_t)` / :math:`(M, D_t)`
-        - negatives: :math:`(K, D)`
+        - negatives: :math:`(K_q, D)`
         - output: scalar, or :math:`(N,)` with ``reduction="none"``
+
+    Example:
+        Three mined negatives per anchor, the last one of row 1 padding:
+
+        >>> query, key = torch.randn(2, 8), torch.randn(6, 8)
+        >>> candidates = torch.tensor([[2, 3, 4], [0, 5, -1]])
+        >>> mask = candidates >= 0
+        >>> loss = info_nce(query, key, positive_index=torch.tensor([0, 1]), candidates=candidates,
+        ...                 candidate_mask=mask)
     """
     _check_options(temperature, no_positive, reduction, tile_size)
     check_positive(teacher_temperature, "teacher_temperature")
@@ -336,6 +458,13 @@ def info_nce(
             "in_batch_negatives: False (positives + negatives only, the MoCo form) needs "
             f"positive_index or paired targets, got {kind} targets"
         )
+    if candidates is not None:
+        n_cols = n_keys * (adist.world_size() if gather_distributed else 1)
+        candidates, candidate_valid = _check_candidates(
+            candidates, candidate_mask, n_rows, n_cols, kind, in_batch_negatives, exclude_self
+        )
+    elif candidate_mask is not None:
+        raise ValueError("candidate_mask: given without candidates")
 
     device = query.device
     with autocast_disabled(device):
@@ -370,7 +499,12 @@ def info_nce(
                 teacher_q, adist.gather_no_grad(teacher_k) if gather else teacher_k, 1.0 / teacher_temperature
             )
 
-        if in_batch_negatives:
+        if candidates is not None:
+            lse = _candidate_row_lse(
+                q, keys, scale, index + offset, positive_logits, candidates.to(device),
+                candidate_valid.to(device), tile_size, tiled,
+            )
+        elif in_batch_negatives:
             lse, soft_target_logit = _row_stats(q, keys, scale, self_index, teacher, tile_size, tiled)
             if teacher is not None:
                 target_logit = soft_target_logit
@@ -385,8 +519,9 @@ def info_nce(
 class InfoNCELoss(nn.Module):
     """InfoNCE / CLIP-style contrastive loss with positive-index or label targets.
 
-    Row ``i`` of ``query`` is contrasted with all key columns; its positive(s) are key ``i`` (default),
-    ``positive_index[i]`` or the keys sharing its label. See :func:`info_nce` for the formula.
+    Row ``i`` of ``query`` is contrasted with all key columns, or only with its own ``candidates``;
+    its positive(s) are key ``i`` (default), ``positive_index[i]`` or the keys sharing its label.
+    See :func:`info_nce` for the formula.
 
     Args:
         temperature: logit temperature, ``> 0``.
@@ -410,6 +545,7 @@ class InfoNCELoss(nn.Module):
         - key: :math:`(M, D)`
         - positive_index: :math:`(N,)` or :math:`(N, P)`
         - query_labels / key_labels: :math:`(N,)` / :math:`(M,)`
+        - candidates / candidate_mask: :math:`(N, K)`, per-row candidate keys (see :func:`info_nce`)
         - output: scalar
 
     Example:
@@ -448,12 +584,15 @@ class InfoNCELoss(nn.Module):
         positive_index: torch.Tensor | None = None,
         query_labels: torch.Tensor | None = None,
         key_labels: torch.Tensor | None = None,
+        candidates: torch.Tensor | None = None,
+        candidate_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.symmetric and positive_index is not None:
-            raise ValueError(
-                "positive_index: symmetric=True needs paired rows or labels; the reverse of an "
-                "arbitrary positive index is ambiguous"
-            )
+        for name, value in (("positive_index", positive_index), ("candidates", candidates)):
+            if self.symmetric and value is not None:
+                raise ValueError(
+                    f"{name}: symmetric=True needs paired rows or labels; the reverse of an "
+                    f"arbitrary {name} is ambiguous"
+                )
         negatives = _memory_negatives(self.memory, query)
         options = dict(
             temperature=self.temperature,
@@ -465,7 +604,14 @@ class InfoNCELoss(nn.Module):
             tiled=self.tiled,
         )
         loss = info_nce(
-            query, key, positive_index=positive_index, query_labels=query_labels, key_labels=key_labels, **options
+            query,
+            key,
+            positive_index=positive_index,
+            candidates=candidates,
+            candidate_mask=candidate_mask,
+            query_labels=query_labels,
+            key_labels=key_labels,
+            **options,
         )
         if self.symmetric:
             reverse_query_labels = query_labels if key_labels is None else key_labels

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from accord import dist as adist
-from accord.checks import check_finite, check_tensor
+from accord.utils.checks import check_finite, check_tensor
 
 __all__ = ["MemoryQueue"]
 

@@ -22,6 +22,11 @@ The dense reference (``accord.losses.infonce``) builds its masks and teacher wei
 block helpers (:func:`self_positions`, :func:`teacher_logits`, :func:`teacher_weights_`), so the two
 paths cannot disagree on what a candidate or a target is.
 
+Per-row candidate sets (each query row its own ``K`` key indices, :func:`candidate_logsumexp`) are
+chunked by rows instead: a chunk gathers its rows' candidate keys, ``(R, K, D)`` with
+``R * K * D <= tile_size ** 2``, and the backward gathers them again, so the gathered keys of all
+rows never exist at once either.
+
 Why CPU-friendly choices: each pass reuses one preallocated tile buffer and works in place, because
 on CPU a fresh multi-MiB tensor per tile costs more in page faults than the tile's matmul.
 """
@@ -43,6 +48,9 @@ __all__ = [
     "streamed_logsumexp",
     "TiledRowStats",
     "tiled_row_stats",
+    "candidate_logits",
+    "CandidateLogSumExp",
+    "candidate_logsumexp",
 ]
 
 #: Edge of a logits tile. 2048 x 2048 fp32 is a 16 MiB buffer: small against the dense matrix yet
@@ -304,3 +312,114 @@ def tiled_row_stats(
         - output: two tensors of shape :math:`(N,)`
     """
     return TiledRowStats.apply(query, keys, scale, self_index, teacher, tile_size)
+
+
+def candidate_logits(
+    query: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of query rows against their own candidate keys, ``-inf`` where a candidate is not valid.
+
+    Shared by the dense path of :func:`accord.losses.info_nce` and by :class:`CandidateLogSumExp`,
+    so both agree on what a row's candidates are.
+
+    Args:
+        query: ``(R, D)`` query rows, already multiplied by the logit scale.
+        keys: ``(M, D)`` all key columns.
+        candidates: ``(R, K)`` long indices into ``keys``; entries that are not valid must still be
+            in range (set them to 0).
+        valid: ``(R, K)`` bool, which entries count.
+
+    Returns:
+        ``(logits, gathered)``: ``(R, K)`` logits ``query_r . keys[candidates[r, k]]`` (``-inf``
+        where not valid) and the ``(R, K, D)`` gathered candidate keys.
+    """
+    gathered = keys[candidates]
+    logits = torch.einsum("rd,rkd->rk", query, gathered).masked_fill(~valid, float("-inf"))
+    return logits, gathered
+
+
+def _candidate_chunks(n_rows: int, n_candidates: int, dim: int, tile_size: int) -> list[slice]:
+    """Row chunks whose gathered candidate keys ``(R, K, D)`` hold at most ``tile_size ** 2`` values."""
+    rows_per_chunk = max(1, tile_size**2 // max(1, n_candidates * dim))
+    return [slice(start, min(start + rows_per_chunk, n_rows)) for start in range(0, n_rows, rows_per_chunk)]
+
+
+class CandidateLogSumExp(torch.autograd.Function):
+    """Autograd function of :func:`candidate_logsumexp`; saves only the inputs and the ``(N,)`` LSE."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        scale: float,
+        candidates: torch.Tensor,
+        valid: torch.Tensor,
+        tile_size: int,
+    ) -> torch.Tensor:
+        lse = query.new_empty(query.shape[0])
+        with autocast_disabled(query.device):
+            for rows in _candidate_chunks(*candidates.shape, query.shape[1], tile_size):
+                logits, _ = candidate_logits(query[rows] * scale, keys, candidates[rows], valid[rows])
+                lse[rows] = torch.logsumexp(logits, dim=1)
+        ctx.save_for_backward(query, keys, candidates, valid, lse)
+        ctx.scale, ctx.tile_size = scale, tile_size
+        return lse
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_lse: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
+        query, keys, candidates, valid, lse = ctx.saved_tensors
+        scale, tile_size = ctx.scale, ctx.tile_size
+        dq = torch.zeros_like(query) if ctx.needs_input_grad[0] else None
+        dk = torch.zeros_like(keys) if ctx.needs_input_grad[1] else None
+        # A row without any valid candidate has LSE -inf; exp(-inf - 0) = 0 gives it zero weights
+        # where exp(-inf - (-inf)) would be NaN.
+        finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        with torch.no_grad(), autocast_disabled(query.device):
+            for rows in _candidate_chunks(*candidates.shape, query.shape[1], tile_size):
+                query_block = query[rows] * scale
+                logits, gathered = candidate_logits(query_block, keys, candidates[rows], valid[rows])
+                # d lse_r / d s_rk = softmax_rk, so the logit gradient is softmax * grad_lse.
+                grad_logits = logits.sub_(finite_lse[rows, None]).exp_().mul_(grad_lse[rows, None])
+                # s_rk = scale * q_r . k_c(r, k): dq_r = scale * sum_k g_rk k_c and dk_c += g_rk scale q_r.
+                if dq is not None:
+                    dq[rows] = torch.einsum("rk,rkd->rd", grad_logits, gathered).mul_(scale)
+                if dk is not None:
+                    contributions = grad_logits[:, :, None] * query_block[:, None, :]
+                    dk.index_add_(0, candidates[rows].flatten(), contributions.flatten(0, 1))
+        return dq, dk, None, None, None, None
+
+
+def candidate_logsumexp(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    scale: float,
+    candidates: torch.Tensor,
+    valid: torch.Tensor,
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> torch.Tensor:
+    """Per-row ``logsumexp_k(scale * query_i . keys[candidates[i, k]])`` over valid ``k``, chunked.
+
+    Differentiable in ``query`` and ``keys``. Peak extra memory is one chunk of gathered keys
+    (``R * K * D <= tile_size ** 2`` values, at least one row) plus ``O((N + M) D)``.
+
+    Args:
+        query: ``(N, D)`` floating query rows.
+        keys: ``(M, D)`` key columns, same dtype as ``query``.
+        scale: logit scale, ``1 / temperature``.
+        candidates: ``(N, K)`` long indices into ``keys`` (in range also where not valid).
+        valid: ``(N, K)`` bool, which candidates count.
+        tile_size: bounds a chunk of gathered keys to ``tile_size ** 2`` values.
+
+    Returns:
+        ``(N,)`` log-sum-exp; ``-inf`` for a row without a valid candidate (its gradient is 0).
+
+    Shape:
+        - query: :math:`(N, D)`
+        - keys: :math:`(M, D)`
+        - candidates, valid: :math:`(N, K)`
+        - output: :math:`(N,)`
+    """
+    return CandidateLogSumExp.apply(query, keys, scale, candidates, valid, tile_size)

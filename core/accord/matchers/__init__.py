@@ -13,7 +13,7 @@ from accord.matchers.displacement import DisplacementFieldMatcher
 from accord.matchers.feature import FeatureArgmaxMatcher
 from accord.matchers.identity import IdentityMatcher
 from accord.matchers.overlap import CropOverlapMatcher, crop_affine
-from accord.matchers.projection import PointProjectionMatcher
+from accord.matchers.projection import PointProjection, PointProjectionMatcher, project_points
 from accord.matchers.region import RegionMatcher, pool_regions
 
 __all__ = [
@@ -23,8 +23,10 @@ __all__ = [
     "IdentityMatcher",
     "MatchResult",
     "Matcher",
+    "PointProjection",
     "PointProjectionMatcher",
     "RegionMatcher",
     "crop_affine",
     "pool_regions",
+    "project_points",
 ]

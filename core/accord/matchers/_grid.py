@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from accord.checks import check_finite, check_tensor
+from accord.utils.checks import check_finite, check_tensor
 
 SPATIAL_RANKS = (2, 3)
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from accord.checks import check_index_range
+from accord.utils.checks import check_index_range
 
 
 @dataclass(frozen=True, eq=False)

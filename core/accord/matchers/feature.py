@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from accord.checks import check_finite, check_tensor
+from accord.utils.checks import check_finite, check_tensor
 from accord.matchers._grid import check_positive_int, row_chunks
 from accord.matchers.base import Matcher, MatchResult
 

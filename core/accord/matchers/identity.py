@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from accord.checks import check_tensor
+from accord.utils.checks import check_tensor
 from accord.matchers.base import Matcher, MatchResult
 
 

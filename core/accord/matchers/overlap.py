@@ -6,7 +6,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from accord.checks import check_finite, check_positive, check_tensor
+from accord.utils.checks import check_finite, check_positive, check_tensor
 from accord.matchers._grid import (
     cell_coordinates,
     check_grid_size,

@@ -15,7 +15,6 @@ from accord_medssl.anatomy.model import AnatomyEmbeddingModel, AnatomyEmbeddingO
 from accord_medssl.anatomy.pretraining import (
     AnatomyEmbeddingPretraining,
     AnatomyPretrainingOptions,
-    mined_info_nce,
     sample_view_pairs,
 )
 
@@ -36,7 +35,6 @@ __all__ = [
     "load_anatomy_embedding",
     "load_embedding_volume",
     "match_points",
-    "mined_info_nce",
     "model_embedder",
     "sample_view_pairs",
     "similarity_map",

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from accord.checks import check_tensor
+from accord.utils.checks import check_tensor
 from accord_medssl.anatomy.grid import check_stride, embedding_grid_shape
 
 __all__ = [

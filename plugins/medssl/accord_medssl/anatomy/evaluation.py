@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from accord.checks import check_tensor
+from accord.utils.checks import check_tensor
 from accord_medssl.anatomy.miner import AnatomySearchIndex, best_matches, similarity_map, unravel_cells
 
 __all__ = [

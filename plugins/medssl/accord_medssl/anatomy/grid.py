@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from accord.checks import check_tensor
+from accord.utils.checks import check_tensor
 
 __all__ = ["cell_to_voxel", "check_stride", "crop_with_zero_padding", "embedding_grid_shape", "voxel_to_cell"]
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from accord.checks import check_tensor
+from accord.utils.checks import check_tensor
 from accord_medssl.anatomy.embedding import AnatomyEmbedding, Embedder
 from accord_medssl.anatomy.grid import cell_to_voxel, crop_with_zero_padding, voxel_to_cell
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from accord.checks import check_tensor
+from accord.utils.checks import check_tensor
 from accord.config import StrictModel
 from accord_medssl.anatomy.embedding import AnatomyEmbedding, Embedder
 from accord_medssl.anatomy.grid import embedding_grid_shape

@@ -22,7 +22,8 @@ global map and once for the fine local map. Here:
     random cells of the *other* volumes of the batch. Similarity for the local map's mining is the
     miner's score, the mean of the global and local cosines, so the cells that the miner would
     confuse with the query are the ones pushed away; the global map mines on its own cosine.
-    Loss: :func:`mined_info_nce`.
+    Loss: the core :func:`~accord.losses.info_nce` with per-row ``candidates`` (each query's own
+    negatives, indexed among all cells of the batch).
 
 ``docs_alice.md`` ("Anatomy matching: measured") gives the numbers behind the defaults: a lower
 temperature and more steps helped; hard negatives did not, at the quick benchmark's scale.
@@ -38,15 +39,14 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from accord.checks import check_finite, check_tensor
+from accord.utils.checks import check_tensor
 from accord.config import StrictModel
-from accord.losses import InfoNCELoss
-from accord.losses.precision import autocast_disabled
+from accord.losses import InfoNCELoss, info_nce
 from accord.matchers import CropOverlapMatcher, MatchResult, crop_affine
 from accord_medssl.anatomy.grid import crop_with_zero_padding
 from accord_medssl.anatomy.model import AnatomyEmbeddingModel, AnatomyEmbeddingOptions
 
-__all__ = ["AnatomyEmbeddingPretraining", "AnatomyPretrainingOptions", "mined_info_nce", "sample_view_pairs"]
+__all__ = ["AnatomyEmbeddingPretraining", "AnatomyPretrainingOptions", "sample_view_pairs"]
 
 
 class AnatomyPretrainingOptions(StrictModel):
@@ -81,53 +81,6 @@ class AnatomyPretrainingOptions(StrictModel):
 
 def _check_affines(value: object, name: str, batch_size: int) -> torch.Tensor:
     return check_tensor(value, name, shape=(batch_size, 4, 4), floating=True)
-
-
-def mined_info_nce(
-    query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """InfoNCE in which every query has its own positive and its own negatives.
-
-    With L2-normalised rows, ``loss_i = -log(exp(q_i . p_i / t) / (exp(q_i . p_i / t) +
-    sum_k exp(q_i . n_ik / t)))``, averaged over the queries: the core InfoNCE's one-hot target,
-    but over a per-row candidate set (mined negatives differ per query, which the core's shared key
-    columns cannot express). Computed in float32 with a log-sum-exp.
-
-    Args:
-        query: query features.
-        positive: each query's positive.
-        negatives: each query's negatives (``K`` may be 0: the loss is then 0).
-        temperature: logit temperature, ``> 0``.
-
-    Returns:
-        The mean loss, a scalar.
-
-    Shape:
-        query: ``(N, C)``; positive: ``(N, C)``; negatives: ``(N, K, C)``.
-
-    Raises:
-        ValueError: mismatched shapes, no query, non-finite features or a temperature <= 0.
-    """
-    check_tensor(query, "query", ndim=2, floating=True)
-    rows, channels = query.shape
-    if rows == 0:
-        raise ValueError("query: expected at least one row, got shape (0, C)")
-    check_tensor(positive, "positive", shape=(rows, channels), floating=True)
-    check_tensor(negatives, "negatives", shape=(rows, None, channels), floating=True)
-    for name, value in {"query": query, "positive": positive, "negatives": negatives}.items():
-        check_finite(value, name)
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
-    with autocast_disabled(query.device):
-        # At least float32 (float64 stays, for exact gradient checks), as the core losses compute.
-        query, positive, negatives = (
-            F.normalize(value.to(torch.promote_types(value.dtype, torch.float32)), dim=-1)
-            for value in (query, positive, negatives)
-        )
-        positive_logit = (query * positive).sum(dim=-1, keepdim=True)
-        negative_logits = torch.einsum("nc,nkc->nk", query, negatives)
-        logits = torch.cat([positive_logit, negative_logits], dim=1) / temperature
-        return F.cross_entropy(logits, torch.zeros(rows, dtype=torch.long, device=logits.device))
 
 
 def _cell_grid(grid: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -284,14 +237,20 @@ class AnatomyEmbeddingPretraining(nn.Module):
         cell_stride = torch.tensor(view_shape, dtype=torch.float64, device=maps.device) / torch.tensor(grid, device=maps.device)
         radius = options.exclusion_radius * float(cell_stride.max())
         negative_cells = self._hard_negative_cells(mining, positions, sample, query_cell, positive_cell, radius)
-        negatives = features[sample[:, None], negative_cells]  # (Q, K, C)
+        # Keys are all cells of the batch, volume by volume: cell c of volume b is key b * 2N + c.
+        volume_cells = 2 * cells
+        candidates = sample[:, None] * volume_cells + negative_cells  # (Q, K)
         if options.batch_negatives and batch_size > 1:
             # Uniform over the other volumes' cells: skip the query's own volume by an offset.
-            draw = torch.randint((batch_size - 1) * 2 * cells, (len(sample), options.batch_negatives), device=maps.device)
-            other_sample = (sample[:, None] + 1 + torch.div(draw, 2 * cells, rounding_mode="floor")) % batch_size
-            negatives = torch.cat([negatives, features[other_sample, draw % (2 * cells)]], dim=1)
-        return mined_info_nce(
-            features[sample, query_cell], features[sample, positive_cell], negatives, options.temperature
+            draw = torch.randint((batch_size - 1) * volume_cells, (len(sample), options.batch_negatives), device=maps.device)
+            other_sample = (sample[:, None] + 1 + torch.div(draw, volume_cells, rounding_mode="floor")) % batch_size
+            candidates = torch.cat([candidates, other_sample * volume_cells + draw % volume_cells], dim=1)
+        return info_nce(
+            features[sample, query_cell],
+            features.flatten(0, 1),
+            positive_index=sample * volume_cells + positive_cell,
+            candidates=candidates,
+            temperature=options.temperature,
         )
 
     @torch.no_grad()

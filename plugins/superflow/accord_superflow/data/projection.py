@@ -1,11 +1,12 @@
 """LiDAR point -> camera pixel correspondences (the devkit / SLidR / SuperFlow projection chain).
 
 ``lidar -> ego (LiDAR time) -> global -> ego (camera time) -> camera -> image``, composed into one
-rigid transform per camera and applied to all points at once. A point is kept when it is more than
-``min_depth`` in front of the camera and strictly inside the image (``margin_px < u < width - 1``,
-same for ``v``). The result is a list of (point index, camera slot, pixel) pairs computed on un-augmented data at
-the stored image resolution; augmentations later move the pixel coordinates and point
-coordinates, never the pairing itself.
+``K @ [R | t]`` matrix per camera and projected by the core :func:`accord.matchers.project_points`,
+with its in-image rule: pixel centres at integer coordinates, a point kept when it is more than
+``min_depth`` in front of the camera and ``margin_px - 0.5 <= u < width - 0.5 - margin_px`` (same
+for ``v``). The result is a list of (point index, camera slot, pixel) pairs computed on
+un-augmented data at the stored image resolution; augmentations later move the pixel coordinates
+and point coordinates, never the pairing itself.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from accord.matchers import project_points
 from accord_superflow.data.geometry import sensor_to_sensor
 from accord_superflow.data.index import CameraFrame, SensorFrame
 
-__all__ = ["PointPixelPairs", "project_to_image", "pair_points_with_cameras"]
+__all__ = ["PointPixelPairs", "pair_points_with_cameras"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,40 +47,12 @@ class PointPixelPairs:
 
     @property
     def pixel_rc(self) -> np.ndarray:
-        """``(M, 2)`` int64 ``(row, col)`` of the pixel each point falls in (rounded ``(v, u)``)."""
-        return np.rint(self.pixel_uv[:, ::-1]).astype(np.int64)
-
-
-def project_to_image(points_camera: np.ndarray, intrinsic: np.ndarray, width: int, height: int,
-                     min_depth: float = 1.0, margin_px: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pinhole projection of points given in the camera frame.
-
-    Args:
-        points_camera: ``(N, 3)`` points (x right, y down, z forward).
-        intrinsic: ``(3, 3)`` camera matrix.
-        width: image width in pixels.
-        height: image height in pixels.
-        min_depth: points with ``z <= min_depth`` are dropped.
-        margin_px: kept points satisfy ``margin_px < u < width - 1`` and
-            ``margin_px < v < height - 1``; 1 matches the devkit's ``map_pointcloud_to_image``,
-            0 matches SLidR / SuperFlow.
-
-    Returns:
-        ``kept`` ``(M,)`` int64 indices of the kept points, their ``uv`` ``(M, 2)`` and ``depth`` ``(M,)``.
-    """
-    depth = points_camera[:, 2]
-    in_front = depth > min_depth
-    # Divide only where the point is in front, so points at z = 0 produce no warnings.
-    image = points_camera[in_front] @ np.asarray(intrinsic, dtype=np.float64).T
-    uv_in_front = image[:, :2] / image[:, 2:3]
-    u, v = uv_in_front[:, 0], uv_in_front[:, 1]
-    inside = (u > margin_px) & (u < width - 1) & (v > margin_px) & (v < height - 1)
-    kept = np.flatnonzero(in_front)[inside]
-    return kept, uv_in_front[inside], depth[kept]
+        """``(M, 2)`` int64 ``(row, col)`` of the pixel each point falls in, ``floor((v, u) + 0.5)``."""
+        return np.floor(self.pixel_uv[:, ::-1] + 0.5).astype(np.int64)
 
 
 def pair_points_with_cameras(points_lidar: np.ndarray, lidar: SensorFrame, cameras: Sequence[CameraFrame],
-                             min_depth: float = 1.0, margin_px: float = 1.0) -> PointPixelPairs:
+                             min_depth: float = 1.0, margin_px: float = 0.0) -> PointPixelPairs:
     """Project a LiDAR cloud into every camera of a keyframe.
 
     Args:
@@ -85,20 +60,23 @@ def pair_points_with_cameras(points_lidar: np.ndarray, lidar: SensorFrame, camer
             sweeps must first be moved into the keyframe frame with ``sweep_to_keyframe``.
         lidar: the LiDAR scan's calibration and ego pose.
         cameras: the images to project into; ``camera_index`` refers to this order.
-        min_depth: see :func:`project_to_image`.
-        margin_px: see :func:`project_to_image`.
+        min_depth: pairs need depth ``> min_depth`` (metres).
+        margin_px: pixels dropped at every image border (0: the whole image).
 
     Returns:
         The pairs of all cameras, camera by camera, points in increasing index order within each.
     """
-    xyz = np.asarray(points_lidar, dtype=np.float64)[:, :3]
+    xyz = torch.from_numpy(np.ascontiguousarray(np.asarray(points_lidar, dtype=np.float64)[:, :3]))
     parts = []
     for slot, camera in enumerate(cameras):
         lidar_to_camera = sensor_to_sensor(lidar.sensor_to_ego, lidar.ego_to_global,
                                            camera.sensor_to_ego, camera.ego_to_global)
-        kept, uv, depth = project_to_image(lidar_to_camera.apply(xyz), camera.intrinsic, camera.width,
-                                           camera.height, min_depth, margin_px)
-        parts.append((kept, np.full(len(kept), slot, dtype=np.int64), uv, depth))
+        rigid = np.hstack([lidar_to_camera.rotation, lidar_to_camera.translation[:, None]])
+        projection = torch.from_numpy(np.asarray(camera.intrinsic, dtype=np.float64) @ rigid)
+        found = project_points(xyz, projection, (int(camera.height), int(camera.width)), min_depth, margin_px)
+        kept = torch.nonzero(found.valid).squeeze(1)
+        parts.append((kept.numpy(), np.full(len(kept), slot, dtype=np.int64), found.pixel[kept].numpy(),
+                      found.depth[kept].numpy()))
     if not parts:
         return PointPixelPairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2)), np.zeros(0))
     return PointPixelPairs(*(np.concatenate(arrays) for arrays in zip(*parts)))
