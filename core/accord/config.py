@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "ConfigError",
@@ -57,8 +66,13 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _must_exist(path: Path) -> Path:
-    if not Path(os.path.expanduser(path)).exists():
+#: Validation context key: ``False`` accepts paths that do not exist here (a stored run config
+#: read back on another machine, see :func:`accord.runs.load_run`).
+CHECK_PATHS = "check_paths"
+
+
+def _must_exist(path: Path, info: ValidationInfo) -> Path:
+    if (info.context or {}).get(CHECK_PATHS, True) and not Path(os.path.expanduser(path)).exists():
         raise ValueError(f"path does not exist: {path}")
     return Path(os.path.expanduser(path))
 
@@ -129,14 +143,27 @@ class TrainerConfig(StrictModel):
     )
     ema_momentum_end: float = Field(1.0, ge=0, le=1, description="momentum at the last step (cosine)")
     checkpoint_every: int = Field(50, ge=1)
+    validate_every: int | None = Field(
+        None, ge=1, description="steps between validations (and after the last step) when the task validates; "
+        "None: with every checkpoint"
+    )
     keep_last: int = Field(3, ge=1)
     resume: Literal["auto", "never"] | Path = "auto"
-    seed: int = 0
     deterministic: bool = False
     num_workers: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     tensorboard: bool = False
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_second_seed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "seed" in data:
+            raise ValueError(
+                "trainer.seed was removed: set the run's top-level 'seed', the one seed that drives model init, "
+                "data order, augmentation and workers"
+            )
+        return data
 
     @field_validator("lr_multipliers")
     @classmethod
@@ -166,12 +193,17 @@ class TrainerConfig(StrictModel):
 
 
 class RunConfig(StrictModel):
-    """Fields every run config has; tasks subclass it and add their own sections."""
+    """Fields every run config has; tasks subclass it and add their own sections.
+
+    ``seed`` is the run's only seed: :func:`accord.runs.run_task` seeds every generator from it
+    before the task starts (model initialisation, augmentation) and the trainer derives the data
+    order and worker seeds from it, so runs that differ in ``seed`` differ in all of them.
+    """
 
     plugin: str
     task: str
     run_dir: Path = Path("runs/default")
-    seed: int = 0
+    seed: int = Field(0, description="the run's one seed: model init, data order, augmentation and workers")
 
 
 class BenchmarkConfig(RunConfig):
@@ -276,10 +308,15 @@ def _with_section_defaults(model: type[BaseModel], data: dict[str, Any]) -> dict
     return merged
 
 
-def validate_config(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
-    """Validate ``data`` against ``model``; raise :class:`ConfigError` with one line per problem."""
+def validate_config(model: type[BaseModel], data: dict[str, Any], source: str, check_paths: bool = True) -> Any:
+    """Validate ``data`` against ``model``; raise :class:`ConfigError` with one line per problem.
+
+    Args:
+        check_paths: require :data:`ExistingPath` fields to exist (``False`` for a stored config
+            read back where its data may be absent).
+    """
     try:
-        return model.model_validate(_with_section_defaults(model, data))
+        return model.model_validate(_with_section_defaults(model, data), context={CHECK_PATHS: check_paths})
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, model, source)) from None
 

@@ -107,3 +107,24 @@ def test_two_rank_torchrun_matches_a_single_process_on_the_same_global_batch(
     for name, tensor in expected["model"].items():
         torch.testing.assert_close(distributed["model"][name], tensor, atol=1e-6, rtol=0, msg=name)
     assert [step for step, *_ in _loss_history(ddp)] == list(range(1, 13))  # rank 0 writes alone
+
+
+@pytest.mark.dist
+def test_two_rank_torchrun_validates_on_rank_zero_and_calls_back_on_every_rank(tmp_path: Path) -> None:
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone")
+    _run(_toy(tmp_path, "batch_size=8", "validate_every=5", "--hooks", launcher=torchrun), timeout=180)
+
+    events = [[json.loads(line) for line in (tmp_path / f"events_rank{rank}.jsonl").read_text().splitlines()]
+              for rank in (0, 1)]
+    assert [(event["hook"], event["step"]) for event in events[0]] == [
+        ("train_start", 0), ("checkpoint", 4), ("validation", 5), ("step", 5), ("checkpoint", 8), ("validation", 10),
+        ("step", 10), ("validation", 12), ("step", 12), ("checkpoint", 12), ("train_end", 12),
+    ]
+    assert events[1] == events[0]  # rank 1 sees rank 0's validation metrics
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    validations = [record for record in records if "val/mse" in record]
+    assert [record["step"] for record in validations] == [5, 10, 12]
+    assert [record["step"] for record in records if "probe/miou" in record] == [0, 6, 12]
+    best = min(validations, key=lambda record: record["val/mse"])
+    kept = json.loads((tmp_path / "best.pt.score.json").read_text())
+    assert (kept["step"], kept["score"]) == (best["step"], pytest.approx(best["val/mse"]))

@@ -21,9 +21,8 @@ from accord.training import (
     load_checkpoint,
     micro_batch_size,
 )
-from accord.config import TrainerConfig
 from accord.training.checkpoint import list_checkpoints
-from accord.training.trainer import build_optimizer
+from accord.training.optim import build_optimizer
 
 _spec = importlib.util.spec_from_file_location("toy_train", Path(__file__).with_name("toy_train.py"))
 toy = importlib.util.module_from_spec(_spec)
@@ -33,7 +32,7 @@ _spec.loader.exec_module(toy)
 def _fit(run_dir: Path, model: torch.nn.Module | None = None, **overrides: object) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(1234)
     model = model or toy.ToyModel()
-    return model, Trainer(toy.toy_config(**overrides), run_dir).fit(model, toy.ToyDataset())
+    return model, Trainer(toy.toy_config(**overrides), run_dir, seed=0).fit(model, toy.ToyDataset())
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -196,22 +195,3 @@ def test_missing_tensorboard_is_a_clear_error(tmp_path: Path, monkeypatch: pytes
 def test_tensorboard_events_are_written(tmp_path: Path) -> None:
     _fit(tmp_path, tensorboard=True, max_steps=3)
     assert any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-
-
-def test_before_checkpoint_sees_each_checkpointed_step(tmp_path: Path) -> None:
-    seen: list[int] = []
-    config = TrainerConfig(max_steps=5, batch_size=4, checkpoint_every=2, log_every=1, warmup_steps=0, device="cpu")
-    model = torch.nn.Linear(2, 1)
-
-    class Fit(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = model
-
-        def forward(self, batch):
-            return {"loss": self.net(batch).pow(2).mean()}
-
-    Trainer(config, tmp_path, before_checkpoint=lambda step, m: seen.append(step)).fit(
-        Fit(), torch.utils.data.TensorDataset(torch.randn(16, 2)), collate_fn=lambda rows: torch.stack([r[0] for r in rows])
-    )
-    assert seen == [2, 4, 5]

@@ -13,7 +13,7 @@ from torch import nn
 
 from accord.config import ConfigError, TrainerConfig, validate_config
 from accord.training import CheckpointError, Trainer, learning_rate_at, load_checkpoint, weight_decay_at
-from accord.training.trainer import clip_gradients, parameter_groups
+from accord.training.optim import clip_gradients, parameter_groups
 
 _spec = importlib.util.spec_from_file_location("toy_train", Path(__file__).with_name("toy_train.py"))
 toy = importlib.util.module_from_spec(_spec)
@@ -33,7 +33,7 @@ DINO_OPTIONS = {
 def _fit(run_dir: Path, model: nn.Module | None = None, dataset=None, **overrides: object) -> nn.Module:
     torch.manual_seed(1234)
     model = model or toy.ToyModel()
-    Trainer(toy.toy_config(**overrides), run_dir).fit(model, dataset or toy.ToyDataset())
+    Trainer(toy.toy_config(**overrides), run_dir, seed=0).fit(model, dataset or toy.ToyDataset())
     return model
 
 
@@ -80,7 +80,7 @@ def test_one_adamw_step_decays_exactly_the_non_exempt_parameters(tmp_path: Path,
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     config = TrainerConfig(max_steps=1, batch_size=2, lr=lr, weight_decay=weight_decay, schedule="constant",
                            weight_decay_exempt_1d=exempt, device="cpu")
-    Trainer(config, tmp_path).fit(model, torch.utils.data.TensorDataset(torch.zeros(4, 1)))
+    Trainer(config, tmp_path, seed=0).fit(model, torch.utils.data.TensorDataset(torch.zeros(4, 1)))
     for (name, p), gradient in zip(model.named_parameters(), model.coefficients):
         decay = 0.0 if exempt and name in {"net.0.bias", "net.1.weight", "net.1.bias"} else weight_decay
         # AdamW's first step: bias-corrected moments are g and g^2, so the update is g / (|g| + eps).
@@ -202,7 +202,7 @@ def test_lr_multipliers_scale_the_step_of_matching_parameters_under_the_schedule
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     config = TrainerConfig(max_steps=steps, batch_size=2, lr=lr, min_lr=0.01, optimizer="sgd", sgd_momentum=0.0,
                            lr_multipliers={r"^net\.2\.": 10.0, r"\.bias$": 0.5}, device="cpu")
-    Trainer(config, tmp_path).fit(model, torch.utils.data.TensorDataset(torch.zeros(4, 1)))
+    Trainer(config, tmp_path, seed=0).fit(model, torch.utils.data.TensorDataset(torch.zeros(4, 1)))
     # Plain SGD on a linear loss: each parameter moves by -(sum of the scheduled lrs) * multiplier * gradient.
     scheduled = sum(learning_rate_at(step, config) for step in range(steps))
     assert scheduled < steps * lr  # the cosine does decay

@@ -2,19 +2,24 @@
 
 Usage::
 
-    python tests/training/toy_train.py RUN_DIR [trainer.key=value ...] [--stochastic] [--step-sleep S]
+    python tests/training/toy_train.py RUN_DIR [trainer.key=value ...] [--stochastic] [--step-sleep S] [--hooks]
 
 Overrides are TrainerConfig keys without the ``trainer.`` prefix (``max_steps=20``). The model has a
 student, a frozen EMA teacher (``momentum_update``) and two loss terms; ``--stochastic`` adds
 dropout and per-sample input noise drawn from the global torch RNG, which a bit-exact resume must
-reproduce.
+reproduce. ``--hooks`` adds validation (:func:`validate`), a :class:`~accord.training.BestCheckpoint`
+on it, an :class:`~accord.training.OnlineProbe` (:func:`probe_data`) and an :class:`EventLog` that
+writes every hook call of its rank to ``RUN_DIR/events_rank<R>.jsonl``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -23,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from accord.config import TrainerConfig, apply_overrides
-from accord.training import Trainer
+from accord.training import BestCheckpoint, Callback, DenseProbeData, OnlineProbe, Trainer, TrainingState
 
 FEATURES = 6
 #: Trainer defaults for the toy runs; tests override what they exercise.
@@ -97,6 +102,54 @@ class ToyModel(nn.Module):
             teacher.mul_(momentum).add_(student, alpha=1.0 - momentum)
 
 
+def validate(model: ToyModel, step: int) -> dict[str, float]:
+    """Validation of the toy: the student's mean squared error on the whole dataset."""
+    data = ToyDataset()
+    with torch.no_grad():
+        return {"mse": F.mse_loss(model.student(data.inputs), data.targets).item()}
+
+
+def probe_data(model: ToyModel) -> DenseProbeData:
+    """Probe of the toy: the hidden features of the student classify the sign of the first target."""
+    data = ToyDataset()
+    features = model.student[:2](data.inputs)
+    labels = (data.targets[:, 0] > 0).long()
+    return DenseProbeData(features[:30], labels[:30], features[30:], labels[30:])
+
+
+class EventLog(Callback):
+    """Appends every hook call (hook, step and arguments) to ``path``, one JSON line each.
+
+    Args:
+        path: the log file.
+        every: ``on_step`` cadence.
+    """
+
+    def __init__(self, path: Path, every: int = 1) -> None:
+        self.path = Path(path)
+        self.every = every
+
+    def _write(self, hook: str, state: TrainingState, **details: object) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"hook": hook, "step": state.step, "resumed": state.resumed, **details}) + "\n")
+
+    def on_train_start(self, state: TrainingState) -> None:
+        self._write("train_start", state)
+
+    def on_step(self, state: TrainingState) -> None:
+        self._write("step", state)
+
+    def on_validation(self, state: TrainingState, metrics: Mapping[str, float]) -> None:
+        self._write("validation", state, metrics=dict(metrics))
+
+    def on_checkpoint(self, state: TrainingState, path: Path) -> None:
+        self._write("checkpoint", state, path=Path(path).name)
+
+    def on_train_end(self, state: TrainingState) -> None:
+        self._write("train_end", state)
+
+
 def toy_config(**overrides: object) -> TrainerConfig:
     """The toy trainer config with ``overrides`` applied."""
     return TrainerConfig(**{**TOY_DEFAULTS, **overrides})
@@ -108,13 +161,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="TrainerConfig key=value")
     parser.add_argument("--stochastic", action="store_true", help="dropout and input noise")
     parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds per forward call")
+    parser.add_argument("--hooks", action="store_true", help="validation, best checkpoint, probe and an event log")
     args = parser.parse_intermixed_args(argv)
     torch.set_num_threads(1)
     config = TrainerConfig.model_validate(apply_overrides(dict(TOY_DEFAULTS), args.overrides))
     torch.manual_seed(1234)
     model = ToyModel(dropout=0.2 if args.stochastic else 0.0, step_sleep=args.step_sleep)
     dataset = ToyDataset(noise=0.1 if args.stochastic else 0.0)
-    Trainer(config, args.run_dir).fit(model, dataset)
+    hooks = {}
+    if args.hooks:
+        events = EventLog(args.run_dir / f"events_rank{os.environ.get('RANK', '0')}.jsonl", every=5)
+        best = BestCheckpoint("mse", args.run_dir / "best.pt", mode="min")
+        hooks = {"validate": validate, "callbacks": [events, best, OnlineProbe(probe_data, 2, every=6)]}
+    Trainer(config, args.run_dir, seed=0, **hooks).fit(model, dataset)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""The shared training loop: :class:`Trainer`, checkpoints, resumable data order and progress.
+"""The shared training loop: :class:`Trainer`, callbacks, checkpoints, resumable data order and progress.
 
-See docs/training.md for the model contract, checkpoint contents and resume semantics.
+See docs/training.md for the model contract, callbacks, checkpoint contents and resume semantics.
 """
 
 from __future__ import annotations
 
+from accord.training.callbacks import BestCheckpoint, Callback, TrainingState
 from accord.training.checkpoint import (
     CheckpointError,
     export_weights,
@@ -12,21 +13,20 @@ from accord.training.checkpoint import (
     load_weights,
     weights_metadata,
 )
+from accord.training.distributed import DistributedContext, micro_batch_size, setup_distributed, teardown_distributed
+from accord.training.optim import ema_momentum_at, learning_rate_at, weight_decay_at
+from accord.training.probe import DenseProbeData, OnlineProbe, OnlineProbeOptions
 from accord.training.sampler import BatchStream, ResumableBatchSampler
-from accord.training.trainer import (
-    DistributedContext,
-    NonFiniteLossError,
-    Trainer,
-    ema_momentum_at,
-    learning_rate_at,
-    micro_batch_size,
-    setup_distributed,
-    teardown_distributed,
-    weight_decay_at,
-)
+from accord.training.trainer import NonFiniteLossError, Trainer
 
 __all__ = [
     "Trainer",
+    "Callback",
+    "TrainingState",
+    "BestCheckpoint",
+    "OnlineProbe",
+    "OnlineProbeOptions",
+    "DenseProbeData",
     "NonFiniteLossError",
     "CheckpointError",
     "DistributedContext",

@@ -14,6 +14,12 @@ checkpoint can run code when it is read. Its keys:
   of the rank's current CUDA device, ``None`` when CUDA was not used).
 * ``world_size``: ranks of the run that wrote it.
 * ``config``: the :class:`~accord.config.TrainerConfig` as a JSON-style dict.
+* ``digest``: :func:`content_digest` of everything else, verified on every load (version 2).
+* ``run``: what the run was (:func:`accord.runs.run_record`): ``config`` (the resolved run config),
+  ``plugin``, ``plugin_version``, ``task``, ``model_factory`` (the registered model factory that
+  rebuilds the model from that config) and ``accord_version``; :func:`accord.runs.load_run`
+  rebuilds the model from it. ``None`` for checkpoints of a trainer built without a run (tests,
+  low-level use) and for version-1 checkpoints, which predate it.
 
 Writes go to a temporary file in the same directory, are flushed and fsynced, renamed over the
 final name with :func:`os.replace` and the directory is fsynced, so a crash leaves either the old
@@ -22,6 +28,7 @@ file set or the new one, never a half-written ``step_*.pt``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +50,7 @@ __all__ = [
     "checkpoint_path",
     "list_checkpoints",
     "write_atomically",
+    "content_digest",
     "save_checkpoint",
     "load_checkpoint",
     "latest_valid_checkpoint",
@@ -60,7 +68,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+#: Versions this accord reads; version 1 differs only by having no ``run`` and ``digest`` entries.
+_READABLE_VERSIONS = (1, CHECKPOINT_VERSION)
 _FORMAT = "accord-checkpoint"
 _REQUIRED_KEYS = ("step", "data_position", "model", "optimizer", "scheduler", "rng", "world_size", "config")
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -125,9 +135,45 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
+def content_digest(state: Mapping[str, Any]) -> str:
+    """SHA-256 of a checkpoint's content: every entry but ``digest``, keys, plain values and tensor bytes.
+
+    Computed over the loaded objects rather than the file's bytes, so it checks what training
+    will use: a flipped byte inside a tensor's storage loads without complaint from torch's zip
+    reader, but changes this digest.
+    """
+    digest = hashlib.sha256()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}:".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, Mapping):
+            digest.update(b"{")
+            for key, item in value.items():
+                if key != "digest":
+                    digest.update(f"{key!r}:".encode())
+                    visit(item)
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                visit(item)
+            digest.update(b"]")
+        else:
+            digest.update(f"{value!r};".encode())
+
+    visit(state)
+    return digest.hexdigest()
+
+
 def save_checkpoint(state: Mapping[str, Any], path: Path) -> Path:
-    """Atomically ``torch.save`` a checkpoint dict (see :func:`build_checkpoint`) to ``path``."""
-    return write_atomically(Path(path), lambda handle: torch.save(dict(state), handle))
+    """Atomically ``torch.save`` a checkpoint dict (see :func:`build_checkpoint`) to ``path``, with
+    its :func:`content_digest` under ``digest``."""
+    state = dict(state)
+    state["digest"] = content_digest(state)
+    return write_atomically(Path(path), lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
@@ -161,9 +207,15 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         ) from exc
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise CheckpointError(f"{path}: not an accord checkpoint (no format={_FORMAT!r} entry)")
-    if state.get("version") != CHECKPOINT_VERSION:
+    if state.get("version") not in _READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path}: checkpoint version {state.get('version')!r}, this accord reads {CHECKPOINT_VERSION}"
+            f"{path}: checkpoint version {state.get('version')!r}, this accord reads versions "
+            f"{', '.join(map(str, _READABLE_VERSIONS))}"
+        )
+    state.setdefault("run", None)
+    if state["version"] >= 2 and state.get("digest") != content_digest(state):
+        raise CheckpointError(
+            f"{path}: corrupt checkpoint: its content does not match the digest stored when it was written"
         )
     missing = [key for key in _REQUIRED_KEYS if key not in state]
     if missing:
@@ -209,6 +261,7 @@ def build_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     rng: list[dict[str, Any]],
     config: Mapping[str, Any],
+    run: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the checkpoint dict; a DDP-wrapped ``model`` is unwrapped first.
 
@@ -220,6 +273,7 @@ def build_checkpoint(
         scheduler: its learning-rate scheduler.
         rng: :func:`capture_rng_state` of every rank, indexed by rank.
         config: the trainer config as a JSON-style dict.
+        run: the run record (see the module docstring), or ``None``.
     """
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     return {
@@ -233,6 +287,7 @@ def build_checkpoint(
         "rng": rng,
         "world_size": len(rng),
         "config": dict(config),
+        "run": dict(run) if run is not None else None,
     }
 
 
@@ -321,8 +376,8 @@ def _unshared(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 def export_weights(checkpoint: Path | str | Mapping[str, Any], out_path: Path | str) -> Path:
     """Write a checkpoint's model ``state_dict`` as a safetensors file.
 
-    The header metadata holds ``format="pt"``, ``accord_version``, ``step`` and the trainer
-    ``config`` (JSON).
+    The header metadata holds ``format="pt"``, ``accord_version``, ``step``, the trainer
+    ``config`` and the ``run`` record (JSON; ``null`` when the checkpoint has none).
 
     Args:
         checkpoint: a checkpoint path or an already loaded checkpoint dict.
@@ -339,6 +394,7 @@ def export_weights(checkpoint: Path | str | Mapping[str, Any], out_path: Path | 
         "accord_version": accord.__version__,
         "step": str(state["step"]),
         "config": json.dumps(state["config"], sort_keys=True),
+        "run": json.dumps(state.get("run"), sort_keys=True),
     }
     payload = save(_unshared(state["model"]), metadata=metadata)
     return write_atomically(Path(out_path), lambda handle: handle.write(payload))

@@ -3,7 +3,9 @@
 Only the main rank (rank 0) prints or writes files. Each logged step appends one JSON line to
 ``<run_dir>/metrics.jsonl`` with ``step``, ``lr``, ``weight_decay`` (only when it is scheduled),
 every loss term, ``samples_per_s`` (global samples per second since the previous logged step) and
-``time`` (Unix seconds), flushed at once so a killed run keeps every line it logged.
+``time`` (Unix seconds), flushed at once so a killed run keeps every line it logged. Validation and
+callbacks add records of namespaced metrics (``{"step", "val/dice", ..., "time"}``,
+:meth:`ProgressReporter.log_metrics`), which the loss-curve plot draws in one panel per namespace.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "RESERVED_METRIC_KEYS",
     "ProgressReporter",
     "read_metrics",
+    "last_training_record",
     "truncate_metrics",
     "plot_loss_curves",
 ]
@@ -49,6 +52,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def last_training_record(path: Path) -> dict[str, Any] | None:
+    """The newest record of a ``metrics.jsonl`` that holds the loss (not a validation or probe record)."""
+    return next((record for record in reversed(read_metrics(path)) if "loss" in record), None)
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records after ``last_step`` (and torn lines) so a resumed run logs no step twice."""
     path = Path(path)
@@ -58,11 +66,18 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     write_atomically(path, lambda handle: handle.write(kept.encode()))
 
 
-def plot_loss_curves(metrics_path: Path, out_path: Path) -> Path | None:
-    """Plot every loss term of ``metrics.jsonl`` against the step, one panel per term.
+def _namespace_summary(key: str) -> bool:
+    """``probe/miou`` is a namespace's summary metric; ``probe/iou/car`` (per class) is a detail."""
+    return key.count("/") == 1
 
-    Uses a bare :class:`matplotlib.figure.Figure` (Agg canvas), so the global pyplot backend is
-    left alone.
+
+def plot_loss_curves(metrics_path: Path, out_path: Path) -> Path | None:
+    """Plot ``metrics.jsonl`` against the step: one panel per loss term, one per metric namespace.
+
+    A namespace's panel (``val``, ``probe``, ...) draws its summary metrics (keys with one ``/``,
+    e.g. ``probe/miou`` and ``probe/dice``) with markers, since they are logged only every few
+    steps. Uses a bare :class:`matplotlib.figure.Figure` (Agg canvas), so the global pyplot
+    backend is left alone.
 
     Returns:
         ``out_path``, or ``None`` when there is nothing to plot.
@@ -70,15 +85,25 @@ def plot_loss_curves(metrics_path: Path, out_path: Path) -> Path | None:
     from matplotlib.figure import Figure
 
     records = read_metrics(metrics_path)
-    terms = list(dict.fromkeys(k for r in records for k in r if k not in RESERVED_METRIC_KEYS))
-    if not terms:
+    keys = list(dict.fromkeys(k for r in records for k in r if k not in RESERVED_METRIC_KEYS))
+    panels = [[term] for term in keys if "/" not in term]
+    namespaces: dict[str, list[str]] = {}
+    for key in filter(_namespace_summary, keys):
+        namespaces.setdefault(key.split("/")[0], []).append(key)
+    panels += namespaces.values()
+    if not panels:
         return None
-    figure = Figure(figsize=(7, 2.2 * len(terms)), layout="constrained")
-    axes = figure.subplots(len(terms), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, term in zip(axes, terms):
-        points = [(r["step"], r[term]) for r in records if term in r]
-        ax.plot([s for s, _ in points], [v for _, v in points], linewidth=1.2)
-        ax.set_ylabel(term)
+    figure = Figure(figsize=(7, 2.2 * len(panels)), layout="constrained")
+    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, panels):
+        for key in panel:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            sparse = "/" in key
+            ax.plot([s for s, _ in points], [v for _, v in points], linewidth=1.2, marker="o" if sparse else None,
+                    markersize=3, label=key.split("/", 1)[-1])
+        ax.set_ylabel(panel[0].split("/")[0])
+        if "/" in panel[0]:
+            ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
     figure.savefig(out_path, dpi=100)
@@ -144,7 +169,8 @@ class ProgressReporter:
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(self.metrics_path, start_step)
+        # A fresh run keeps no record, not even an earlier attempt's step-0 probe.
+        truncate_metrics(self.metrics_path, start_step if start_step > 0 else -1)
         self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -188,6 +214,37 @@ class ProgressReporter:
         if self.is_main:
             seconds_per_step = (now - self._session_start) / (step - self.start_step)
             self._write(record, eta=seconds_per_step * (self.max_steps - step))
+        return record
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> dict[str, Any] | None:
+        """Write namespaced metrics of ``step`` (validation, probes) as their own record.
+
+        Args:
+            step: the step they describe (optimizer steps completed).
+            metrics: ``{"<namespace>/<name>": value}``; non-finite values are left out (e.g. the
+                score of a class that a probe's test set does not hold).
+
+        Returns:
+            The record written (on rank 0), else ``None``.
+
+        Raises:
+            ValueError: a key without a namespace (on every rank).
+        """
+        bare = [key for key in metrics if not all(key.partition("/")[::2])]
+        if bare:
+            raise ValueError(f"metrics {bare} need a namespace, e.g. 'probe/{bare[0]}' (loss terms are the only "
+                             "bare names in metrics.jsonl)")
+        if not self.is_main:
+            return None
+        values = {key: float(value) for key, value in metrics.items() if math.isfinite(value)}
+        record = {"step": step, **values, "time": time.time()}
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+        if self._tensorboard is not None:
+            for key, value in values.items():
+                self._tensorboard.add_scalar(key, value, step)
+        summary = " ".join(f"{k}={_format_value(v)}" for k, v in values.items() if _namespace_summary(k))
+        print(f"step {step}/{self.max_steps} {summary}", flush=True)
         return record
 
     def _write(self, record: dict[str, Any], eta: float) -> None:

@@ -3,9 +3,13 @@
 Contract: ``model.forward(batch)`` returns a dict of scalar loss tensors that includes ``"loss"``
 (the total that is back-propagated); every other term is only logged. If the model has
 ``momentum_update(momentum: float)``, it is called after every optimizer step with the EMA
-momentum of :func:`ema_momentum_at` (when ``config.ema_momentum`` is set). DINO-style optimisation
-(weight-decay exemptions and schedule, per-tensor clipping, frozen parameters) is opt-in through
-:class:`~accord.config.TrainerConfig`. See docs/training.md.
+momentum of :func:`~accord.training.optim.ema_momentum_at` (when ``config.ema_momentum`` is set).
+DINO-style optimisation (weight-decay exemptions and schedule, per-tensor clipping, frozen
+parameters) is opt-in through :class:`~accord.config.TrainerConfig`. A task hooks into the loop
+with ``validate`` and :class:`~accord.training.callbacks.Callback` objects. See docs/training.md.
+
+The optimisation rules live in :mod:`accord.training.optim`, process-group handling in
+:mod:`accord.training.distributed`.
 """
 
 from __future__ import annotations
@@ -14,11 +18,10 @@ import contextlib
 import logging
 import math
 import os
-import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,9 +29,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from accord import dist as adist
-from accord.config import TrainerConfig
-from accord.schedules import cosine_schedule, linear_schedule, linear_warmup_cosine
+from accord.config import RunConfig, TrainerConfig
+from accord.training.callbacks import Callback, TrainingState
 from accord.training.checkpoint import (
     CheckpointError,
     build_checkpoint,
@@ -44,25 +46,27 @@ from accord.training.checkpoint import (
     save_checkpoint,
     seed_everything,
 )
-from accord.training.progress import RESERVED_METRIC_KEYS, ProgressReporter, read_metrics
+from accord.training.distributed import (
+    DistributedContext,
+    broadcast_from_main,
+    micro_batch_size,
+    setup_distributed,
+    teardown_distributed,
+)
+from accord.training.optim import (
+    apply_update_rules,
+    build_optimizer,
+    build_scheduler,
+    ema_momentum_at,
+    frozen_parameters,
+)
+from accord.training.progress import RESERVED_METRIC_KEYS, ProgressReporter, last_training_record
 from accord.training.sampler import BatchStream
 
-__all__ = [
-    "Trainer",
-    "NonFiniteLossError",
-    "DistributedContext",
-    "setup_distributed",
-    "teardown_distributed",
-    "micro_batch_size",
-    "learning_rate_at",
-    "ema_momentum_at",
-    "weight_decay_at",
-    "parameter_groups",
-    "build_optimizer",
-    "build_scheduler",
-    "clip_gradients",
-    "frozen_parameters",
-]
+__all__ = ["Trainer", "NonFiniteLossError", "Validate"]
+
+#: ``validate(model, step) -> {name: value}``: scores the model (unwrapped from DDP) after ``step``.
+Validate = Callable[[nn.Module, int], Mapping[str, float]]
 
 log = logging.getLogger(__name__)
 
@@ -83,243 +87,6 @@ class NonFiniteLossError(RuntimeError):
         values = ", ".join(f"{name}={value}" for name, value in terms.items())
         kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint written yet"
         super().__init__(f"non-finite loss at step {step}: {values} (step not applied; {kept})")
-
-
-# --- distributed setup ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistributedContext:
-    """Where this process trains: its rank, the world size and its device."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    owns_process_group: bool
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(backend: str = "auto", device: str = "auto") -> DistributedContext:
-    """Join the process group described by torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``.
-
-    With ``WORLD_SIZE`` unset or 1 this is a single process and no group is created. A group that
-    already exists (created by the caller) is used as is and left for the caller to destroy.
-
-    Args:
-        backend: ``"auto"`` (nccl on CUDA, gloo on CPU), ``"gloo"`` or ``"nccl"``.
-        device: ``"auto"`` (``cuda:LOCAL_RANK`` when CUDA is available), ``"cpu"`` or ``"cuda"``.
-
-    Raises:
-        RuntimeError: ``device="cuda"`` without CUDA, or ``backend="nccl"`` on the CPU.
-    """
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device is 'cuda' but torch sees no CUDA device")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    owns_group = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not adist.is_distributed():
-        chosen = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
-        if chosen == "nccl" and not use_cuda:
-            raise RuntimeError("trainer.backend 'nccl' needs CUDA devices; use 'gloo' or 'auto' on the CPU")
-        dist.init_process_group(backend=chosen)
-        owns_group = True
-    return DistributedContext(
-        rank=adist.rank(),
-        world_size=adist.world_size(),
-        local_rank=local_rank,
-        device=torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
-        owns_process_group=owns_group,
-    )
-
-
-def teardown_distributed(context: DistributedContext, completed: bool = True) -> None:
-    """Destroy the process group if :func:`setup_distributed` created it.
-
-    Args:
-        context: what :func:`setup_distributed` returned.
-        completed: every rank got here normally, so they wait for each other first (tearing gloo
-            down while another rank still talks to it can abort that rank at exit: "terminate
-            called without an active exception"); after an error a rank leaves at once, since
-            the others may never arrive.
-    """
-    if context.owns_process_group and adist.is_distributed():
-        if completed:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-# --- schedules and optimizer -----------------------------------------------------------------------
-
-
-def micro_batch_size(batch_size: int, world_size: int, grad_accum_steps: int) -> int:
-    """Samples per rank per micro-batch; the global batch must split evenly.
-
-    Raises:
-        ValueError: naming the three numbers when ``batch_size`` is not divisible.
-    """
-    parts = world_size * grad_accum_steps
-    if batch_size % parts:
-        raise ValueError(
-            f"trainer.batch_size {batch_size} is not divisible by world_size {world_size} x "
-            f"grad_accum_steps {grad_accum_steps} = {parts}"
-        )
-    return batch_size // parts
-
-
-def learning_rate_at(step: int, config: TrainerConfig) -> float:
-    """Learning rate of the optimizer step taken after ``step`` completed steps (0-based).
-
-    Linear warm-up from 0 over ``warmup_steps``, then either cosine from ``lr`` to ``min_lr`` at
-    ``max_steps`` (:func:`accord.schedules.linear_warmup_cosine`) or constant ``lr``.
-    """
-    if config.schedule == "cosine":
-        return linear_warmup_cosine(step, config.warmup_steps, config.max_steps, config.lr, config.min_lr)
-    if step < config.warmup_steps:
-        return linear_schedule(step, config.warmup_steps, 0.0, config.lr)
-    return config.lr
-
-
-def _cosine_over_steps(step: int, config: TrainerConfig, first: float, last: float) -> float:
-    """Cosine from ``first`` at optimizer step 0 to ``last`` at the last step (``max_steps - 1``)."""
-    return cosine_schedule(step, max(1, config.max_steps - 1), first, last)
-
-
-def ema_momentum_at(step: int, config: TrainerConfig) -> float:
-    """EMA momentum for the update after optimizer step ``step`` (0-based).
-
-    Cosine from ``ema_momentum`` (first step) to ``ema_momentum_end`` (last step, ``max_steps - 1``).
-
-    Raises:
-        ValueError: ``config.ema_momentum`` is not set.
-    """
-    if config.ema_momentum is None:
-        raise ValueError("trainer.ema_momentum is not set, so there is no EMA momentum schedule")
-    return _cosine_over_steps(step, config, config.ema_momentum, config.ema_momentum_end)
-
-
-def weight_decay_at(step: int, config: TrainerConfig) -> float:
-    """Weight decay of the decayed parameter group in optimizer step ``step`` (0-based).
-
-    Cosine from ``weight_decay`` (first step) to ``weight_decay_end`` (last step, ``max_steps - 1``),
-    as DINO's per-iteration schedule; constant ``weight_decay`` when ``weight_decay_end`` is unset.
-    """
-    if config.weight_decay_end is None:
-        return config.weight_decay
-    return _cosine_over_steps(step, config, config.weight_decay, config.weight_decay_end)
-
-
-def _exempt_from_weight_decay(name: str, parameter: nn.Parameter) -> bool:
-    # DINO's and timm's rule: biases and 1-D tensors (norm scales and shifts) are not decayed.
-    return parameter.ndim <= 1 or name.endswith(".bias")
-
-
-#: Key of the optimizer groups whose weight decay is 0 by ``weight_decay_exempt_1d``. Checkpoints keep
-#: it; groups saved before it existed were all decayed, hence ``group.get(key, False)``.
-EXEMPT_FROM_DECAY = "exempt_from_weight_decay"
-
-
-def _parameters_matching(
-    pattern: str, named: list[tuple[str, nn.Parameter]], model: nn.Module, option: str
-) -> list[nn.Parameter]:
-    """The parameters of ``named`` whose name contains a match of ``pattern``; none is an error naming ``option``."""
-    matched = [parameter for name, parameter in named if re.search(pattern, name)]
-    if not matched:
-        examples = ", ".join(name for name, _ in named[:5])
-        raise ValueError(f"trainer.{option} pattern {pattern!r} matches no trainable parameter of "
-                         f"{type(model).__name__} (names look like: {examples})")
-    return matched
-
-
-def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
-def _first_matching_multiplier(name: str, multipliers: Mapping[str, float]) -> float:
-    return next((factor for pattern, factor in multipliers.items() if re.search(pattern, name)), 1.0)
-
-
-def parameter_groups(model: nn.Module, config: TrainerConfig) -> list[dict[str, Any]]:
-    """Optimizer parameter groups over the parameters that require gradients.
-
-    One group per (learning-rate multiplier, weight-decay exemption) that occurs. Group 0 always
-    exists (possibly empty): the decayed parameters at the base learning rate, whose ``lr`` and
-    ``weight_decay`` the metrics report. A group's ``lr`` is ``config.lr`` times the
-    ``lr_multipliers`` factor of its parameters, so the schedule scales every group alike; the
-    decayed groups follow :func:`weight_decay_at`, the exempt ones (``weight_decay_exempt_1d``:
-    biases and 1-D parameters) keep weight decay 0.
-
-    Raises:
-        ValueError: no parameter requires gradients, or an ``lr_multipliers`` pattern matches none.
-    """
-    named = _trainable(model)
-    if not named:
-        raise ValueError("the model has no parameters with requires_grad=True to optimize")
-    for pattern in config.lr_multipliers:
-        _parameters_matching(pattern, named, model, "lr_multipliers")
-    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, False): []}
-    for name, parameter in named:
-        exempt = config.weight_decay_exempt_1d and _exempt_from_weight_decay(name, parameter)
-        grouped.setdefault((_first_matching_multiplier(name, config.lr_multipliers), exempt), []).append(parameter)
-    groups = []
-    for (multiplier, exempt), parameters in grouped.items():
-        group: dict[str, Any] = {"params": parameters, "lr": config.lr * multiplier}
-        if exempt:
-            group.update({"weight_decay": 0.0, EXEMPT_FROM_DECAY: True})
-        groups.append(group)
-    return groups
-
-
-def build_optimizer(model: nn.Module, config: TrainerConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD over :func:`parameter_groups` (a frozen teacher is left out)."""
-    groups = parameter_groups(model, config)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` that follows :func:`learning_rate_at` (``TrainerConfig`` validated its ranges)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_at(step, config) / config.lr)
-
-
-def clip_gradients(parameters: list[nn.Parameter], max_norm: float, mode: str) -> None:
-    """Clip the gradients of ``parameters`` in place; parameters without a gradient are skipped.
-
-    Args:
-        parameters: the optimized parameters.
-        max_norm: the largest L2 norm kept.
-        mode: ``"global"`` scales all gradients together so that their joint norm is at most
-            ``max_norm``; ``"per_tensor"`` applies the same rule to each parameter's gradient on
-            its own, as DINO's ``clip_gradients``.
-    """
-    if mode == "global":
-        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-        return
-    for parameter in parameters:
-        torch.nn.utils.clip_grad_norm_(parameter, max_norm)
-
-
-def frozen_parameters(model: nn.Module, config: TrainerConfig) -> list[nn.Parameter]:
-    """The trainable parameters that ``config.freeze_parameters`` keeps fixed (none when unset).
-
-    ``pattern`` is searched (:func:`re.search`) in the names of ``model.named_parameters()`` of the
-    model as passed to :meth:`Trainer.fit`, i.e. without DDP's ``module.`` prefix.
-
-    Raises:
-        ValueError: the pattern matches no parameter that requires gradients.
-    """
-    if config.freeze_parameters is None:
-        return []
-    return _parameters_matching(config.freeze_parameters.pattern, _trainable(model), model, "freeze_parameters")
-
-
-# --- the trainer -----------------------------------------------------------------------------------
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -349,31 +116,83 @@ def _loss_terms(output: Any) -> dict[str, torch.Tensor]:
         if name in RESERVED_METRIC_KEYS:
             reserved = ", ".join(RESERVED_METRIC_KEYS)
             raise ValueError(f"loss term name {name!r} is reserved for metrics ({reserved})")
+        if "/" in name:
+            raise ValueError(f"loss term name {name!r} contains '/', which marks namespaced metrics (val/dice)")
     return dict(output)
 
 
 class Trainer:
     """Runs optimizer steps on a model, with checkpoints, resume, logging and DDP.
 
+    Tasks build it with :meth:`for_run`, which takes the seed, the run directory and the
+    checkpoints' description of the run from the task's config.
+
     Args:
         config: the trainer options.
         run_dir: where ``checkpoints/``, ``metrics.jsonl`` and ``loss_curves.png`` go.
-        before_checkpoint: called as ``before_checkpoint(step, model)`` on rank 0 just before each
-            checkpoint is written (every ``checkpoint_every`` steps and after the last one), e.g.
-            to validate and keep the best weights; a resumed run has then already seen every step
-            up to its checkpoint.
+        seed: the run's seed (``RunConfig.seed``): every generator is reseeded from it (plus the
+            rank) when training starts, and the data order and worker seeds derive from it.
+        run: what every checkpoint records about the run (:func:`accord.runs.run_record`: the
+            resolved run config, plugin and version, model factory) so that
+            :func:`accord.runs.load_run` can rebuild the model from the checkpoint alone; ``None``
+            writes checkpoints that resume but cannot be rebuilt on their own.
+        validate: ``validate(model, step) -> {name: value}``, run on rank 0 (model unwrapped from
+            DDP) every ``config.validate_every`` steps (``None``: with every checkpoint) and after
+            the last step, before that step's checkpoint; the values are logged as ``val/<name>``
+            and passed to every callback's ``on_validation`` on every rank. It should restore the
+            model's train/eval mode.
+        callbacks: hooks into the loop (:mod:`accord.training.callbacks`), called in this order.
     """
 
     def __init__(
         self,
         config: TrainerConfig,
         run_dir: Path | str,
-        before_checkpoint: Callable[[int, nn.Module], None] | None = None,
+        *,
+        seed: int,
+        run: Mapping[str, Any] | None = None,
+        validate: Validate | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
+        self.seed = seed
+        self.run = dict(run) if run is not None else None
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
-        self.before_checkpoint = before_checkpoint
+        self.validate = validate
+        self.callbacks = list(callbacks)
+
+    @classmethod
+    def for_run(
+        cls,
+        run_config: RunConfig,
+        *,
+        model_factory: str,
+        model_options: dict[str, Any] | None = None,
+        trainer: TrainerConfig | None = None,
+        validate: Validate | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> "Trainer":
+        """The trainer of a task run: seed, run directory and checkpoint record from ``run_config``.
+
+        Args:
+            run_config: the task's validated config; checkpoints embed it, so it should hold
+                everything the model factory needs (e.g. an architecture resolved from a
+                pretrained checkpoint).
+            model_factory: the registered model factory (``"<plugin>.<name>"``) that rebuilds the
+                trained model as ``factory(run_config, **model_options)``.
+            model_options: what the factory needs besides the config (JSON values, e.g. the
+                number of classes found in the data).
+            trainer: the trainer options (default: ``run_config.trainer``).
+            validate: see the class.
+            callbacks: see the class.
+        """
+        from accord.runs import run_record
+
+        options = trainer if trainer is not None else getattr(run_config, "trainer")
+        record = run_record(run_config, model_factory, model_options)
+        return cls(options, run_config.run_dir, seed=run_config.seed, run=record, validate=validate,
+                   callbacks=callbacks)
 
     def fit(
         self,
@@ -439,18 +258,50 @@ class Trainer:
         collate_fn: Callable[[list[Any]], Any] | None,
     ) -> dict[str, Any]:
         cfg = self.config
-        per_rank_batch = micro_batch_size(cfg.batch_size, context.world_size, cfg.grad_accum_steps)
         if cfg.deterministic:
-            # cuBLAS reads this when its handle is created; set it before the first CUDA matmul.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
-
+            _use_deterministic_algorithms()
         resumed = self._checkpoint_to_resume()
-        step = resumed[1]["step"] if resumed else 0
-        self._check_ranks_agree(step, context)
-        seed_everything(cfg.seed + context.rank)
+        start = resumed[1]["step"] if resumed else 0
+        self._check_ranks_agree(start, context)
+        seed_everything(self.seed + context.rank)
+        loop = self._start_loop(context, model, dataset, collate_fn, resumed)
+        state = TrainingState(step=start, max_steps=cfg.max_steps, model=model, run_dir=self.run_dir,
+                              is_main=context.is_main, resumed=start if resumed else None, reporter=loop.reporter)
+        finished = False
+        try:
+            self._notify("on_train_start", state)
+            while state.step < cfg.max_steps:
+                self._optimizer_step(loop, state.step)
+                state.step += 1
+                if self.validate is not None and self._due(state.step, cfg.validate_every or cfg.checkpoint_every):
+                    self._validate(state, context)
+                self._notify("on_step", state, only=[c for c in self.callbacks if self._due(state.step, c.every)])
+                if self._due(state.step, cfg.checkpoint_every):
+                    loop.last_checkpoint = self._save(state.step, loop)
+                    self._notify("on_checkpoint", state, loop.last_checkpoint)
+            self._notify("on_train_end", state)
+            finished = True
+        finally:
+            loop.reporter.close(plot=finished)
 
+        result = loop.reporter.last_record or last_training_record(loop.reporter.metrics_path) or {"step": state.step}
+        newest = list_checkpoints(self.checkpoint_dir)
+        return {**result, "checkpoint": str(newest[-1][1]) if newest else None}
+
+    def _due(self, step: int, every: int) -> bool:
+        """Whether something done every ``every`` steps and after the last step is due after ``step``."""
+        return step % every == 0 or step == self.config.max_steps
+
+    def _start_loop(
+        self,
+        context: DistributedContext,
+        model: nn.Module,
+        dataset: Dataset,
+        collate_fn: Callable[[list[Any]], Any] | None,
+        resumed: tuple[Path, dict[str, Any]] | None,
+    ) -> _Loop:
+        """Optimizer, scheduler, data stream, DDP wrapper and progress output, restored from ``resumed``."""
+        cfg = self.config
         model.to(context.device)
         optimizer = build_optimizer(model, cfg)
         frozen = frozen_parameters(model, cfg)
@@ -464,10 +315,10 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg)
         data = BatchStream(
             dataset,
-            per_rank_batch,
+            micro_batch_size(cfg.batch_size, context.world_size, cfg.grad_accum_steps),
             rank=context.rank,
             world_size=context.world_size,
-            seed=cfg.seed,
+            seed=self.seed,
             num_workers=cfg.num_workers,
             collate_fn=collate_fn,
             pin_memory=context.device.type == "cuda",
@@ -487,7 +338,7 @@ class Trainer:
         reporter = ProgressReporter(
             self.run_dir,
             max_steps=cfg.max_steps,
-            start_step=step,
+            start_step=resumed[1]["step"] if resumed else 0,
             global_batch_size=cfg.batch_size,
             log_every=cfg.log_every,
             is_main=context.is_main,
@@ -498,34 +349,45 @@ class Trainer:
             log.warning(
                 "trainer.ema_momentum is set but %s has no momentum_update(momentum)", type(model).__name__
             )
-        last_checkpoint = resumed[0] if resumed else None
-        finished = False
-        try:
-            while step < cfg.max_steps:
-                train_model.train()
-                terms = self._accumulate_gradients(train_model, optimizer, data, context)
-                if not all(math.isfinite(v) for v in terms.values()):
-                    raise NonFiniteLossError(step + 1, terms, last_checkpoint)
-                self._prepare_update(step, optimizer, frozen)
-                decayed_group = optimizer.param_groups[0]
-                lr, weight_decay = decayed_group["lr"], decayed_group["weight_decay"]
-                optimizer.step()
-                scheduler.step()
-                if has_momentum_update:
-                    with torch.no_grad():
-                        model.momentum_update(ema_momentum_at(step, cfg))
-                step += 1
-                scheduled = cfg.weight_decay_end is not None
-                reporter.update(step, lr, terms, weight_decay=weight_decay if scheduled else None)
-                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                    last_checkpoint = self._save(step, model, optimizer, scheduler, data, context)
-            finished = True
-        finally:
-            reporter.close(plot=finished)
+        return _Loop(model, train_model, optimizer, scheduler, data, frozen, reporter, has_momentum_update, context,
+                     last_checkpoint=resumed[0] if resumed else None)
 
-        result = reporter.last_record or (read_metrics(reporter.metrics_path) or [{"step": step}])[-1]
-        newest = list_checkpoints(self.checkpoint_dir)
-        return {**result, "checkpoint": str(newest[-1][1]) if newest else None}
+    def _optimizer_step(self, loop: _Loop, step: int) -> None:
+        """Take optimizer step ``step + 1``: gradients, update rules, parameter and teacher update, progress.
+
+        Raises:
+            NonFiniteLossError: a loss term is NaN or infinite (nothing is updated).
+        """
+        cfg = self.config
+        loop.train_model.train()
+        terms = self._accumulate_gradients(loop.train_model, loop.optimizer, loop.data, loop.context)
+        if not all(math.isfinite(v) for v in terms.values()):
+            raise NonFiniteLossError(step + 1, terms, loop.last_checkpoint)
+        apply_update_rules(step, loop.optimizer, loop.frozen, cfg)
+        decayed_group = loop.optimizer.param_groups[0]
+        lr, weight_decay = decayed_group["lr"], decayed_group["weight_decay"]
+        loop.optimizer.step()
+        loop.scheduler.step()
+        if loop.has_momentum_update:
+            with torch.no_grad():
+                loop.model.momentum_update(ema_momentum_at(step, cfg))
+        scheduled = cfg.weight_decay_end is not None
+        loop.reporter.update(step + 1, lr, terms, weight_decay=weight_decay if scheduled else None)
+
+    def _validate(self, state: TrainingState, context: DistributedContext) -> None:
+        """Run ``validate`` on rank 0, log its metrics as ``val/<name>`` and pass them to the callbacks."""
+        metrics = None
+        if context.is_main:
+            with _rng_kept():
+                metrics = _validation_metrics(self.validate(state.model, state.step))
+            state.log({f"val/{name}": value for name, value in metrics.items()})
+        self._notify("on_validation", state, broadcast_from_main(metrics, context))
+
+    def _notify(self, hook: str, state: TrainingState, *args: Any, only: list[Callback] | None = None) -> None:
+        """Call ``hook`` of every callback (or of ``only``), keeping the random streams of training unchanged."""
+        for callback in self.callbacks if only is None else only:
+            with _rng_kept():
+                getattr(callback, hook)(state, *args)
 
     def _check_ranks_agree(self, step: int, context: DistributedContext) -> None:
         """Fail fast when ranks resolved different checkpoints (e.g. no shared filesystem)."""
@@ -573,26 +435,7 @@ class Trainer:
                 state["world_size"],
                 context.world_size,
             )
-            seed_everything(derive_seed(self.config.seed, context.rank, state["step"]))
-
-    def _prepare_update(self, step: int, optimizer: torch.optim.Optimizer, frozen: list[nn.Parameter]) -> None:
-        """Apply the freeze, the gradient clipping and the weight decay of optimizer step ``step`` (0-based)."""
-        cfg = self.config
-        if frozen and step < cfg.freeze_parameters.steps:
-            # No gradient (rather than a zero one) makes the optimizer skip these parameters
-            # entirely: no weight decay and no moment updates either. Dropped before clipping so
-            # that they do not count in a global norm.
-            for parameter in frozen:
-                parameter.grad = None
-        if cfg.grad_clip_norm is not None:
-            trained = [p for group in optimizer.param_groups for p in group["params"]]
-            clip_gradients(trained, cfg.grad_clip_norm, cfg.grad_clip_mode)
-        # Set on every step, also without a schedule, so a resumed run follows the current config
-        # rather than the group value stored in its checkpoint.
-        weight_decay = weight_decay_at(step, cfg)
-        for group in optimizer.param_groups:
-            if not group.get(EXEMPT_FROM_DECAY, False):
-                group["weight_decay"] = weight_decay
+            seed_everything(derive_seed(self.seed, context.rank, state["step"]))
 
     def _accumulate_gradients(
         self,
@@ -631,18 +474,9 @@ class Trainer:
             means /= context.world_size
         return dict(zip(names, means.tolist()))
 
-    def _save(
-        self,
-        step: int,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        data: BatchStream,
-        context: DistributedContext,
-    ) -> Path:
+    def _save(self, step: int, loop: _Loop) -> Path:
         """Write the checkpoint of ``step`` (rank 0 only; every rank contributes its RNG state)."""
-        if self.before_checkpoint is not None and context.is_main:
-            self.before_checkpoint(step, model)
+        context = loop.context
         local_rng = capture_rng_state()
         rng = [local_rng]
         if context.world_size > 1:
@@ -652,13 +486,67 @@ class Trainer:
         if context.is_main:
             state = build_checkpoint(
                 step=step,
-                data_position=data.position(),
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
+                data_position=loop.data.position(),
+                model=loop.model,
+                optimizer=loop.optimizer,
+                scheduler=loop.scheduler,
                 rng=rng,
                 config=self.config.model_dump(mode="json"),
+                run=self.run,
             )
             save_checkpoint(state, path)
             prune_checkpoints(self.checkpoint_dir, self.config.keep_last)
         return path
+
+
+@dataclass
+class _Loop:
+    """What :meth:`Trainer.fit` keeps from step to step."""
+
+    model: nn.Module  # as passed to fit
+    train_model: nn.Module  # the model, DDP-wrapped with more than one rank
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: BatchStream
+    frozen: list[nn.Parameter]
+    reporter: ProgressReporter
+    has_momentum_update: bool
+    context: DistributedContext
+    last_checkpoint: Path | None
+
+
+def _use_deterministic_algorithms() -> None:
+    """``trainer.deterministic``: deterministic kernels only, no cuDNN autotuning."""
+    # cuBLAS reads this when its handle is created; set it before the first CUDA matmul.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def _rng_kept() -> Iterator[None]:
+    """Run a hook without moving training's random streams, so validating or probing changes no batch,
+    augmentation or dropout mask of the run."""
+    saved = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(saved)
+
+
+def _validation_metrics(metrics: Any) -> dict[str, float]:
+    """``validate``'s result as ``{name: float}``.
+
+    Raises:
+        TypeError: not a mapping of names to numbers (the message names the offending entry).
+    """
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"validate(model, step) must return a dict of metric names to numbers, got "
+                        f"{type(metrics).__name__}")
+    checked = {}
+    for name, value in metrics.items():
+        try:
+            checked[str(name)] = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"validate(model, step)[{name!r}] must be a number, got {type(value).__name__}") from None
+    return checked

@@ -7,22 +7,24 @@ Protocol:
   keeps a random subset of the train cases (at least one), drawn with the run seed;
 - the network is ``monai.networks.nets.SwinUNETR``, either randomly initialised or with every
   weight but the output layer taken from an Alice pretraining checkpoint
-  (:func:`~accord_medssl.export.alice_backbone`);
+  (:func:`~accord_medssl.weights.alice_backbone`);
 - training: ``DiceCELoss`` on ``RandCropByPosNegLabeld`` crops (foreground-centred with probability
   ``foreground_probability``), through the core :class:`~accord.training.Trainer`;
-- validation whenever the trainer checkpoints (``trainer.checkpoint_every`` and the last step):
-  ``sliding_window_inference`` over each whole validation case, per-class Dice with
+- validation every ``trainer.validate_every`` steps and after the last step (the trainer's
+  ``validate``): ``sliding_window_inference`` over each whole validation case, per-class Dice with
   ``DiceMetric`` (background excluded; a class absent from a case's ground truth does not count for
-  that case); the weights with the best mean Dice are kept as ``<run_dir>/best.safetensors``, a
-  MONAI weights file (:mod:`accord_medssl.export`) that also records the labels, crop size, split
-  and preprocessing, so ``evaluate`` scores the right cases the right way.
+  that case), logged as ``val/dice`` and ``val/dice/<class>`` in ``metrics.jsonl``; the core
+  :class:`~accord.training.BestCheckpoint` keeps the weights with the best mean Dice as
+  ``<run_dir>/best.safetensors``, a MONAI weights file (:mod:`accord_medssl.weights`) that also
+  records the labels, crop size, split and preprocessing, so ``evaluate`` scores the right cases
+  the right way.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,16 +41,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from accord.config import ExistingPath, StrictModel, TrainerConfig
-from accord.training import Trainer
-from accord.training.checkpoint import list_checkpoints
+from accord.training import BestCheckpoint, Trainer
 from accord_medssl.data import decathlon_items, require_valid
 from accord_medssl.data.layout import DATASET_JSON, is_msd_root
-from accord_medssl.export import alice_backbone, build_swin_unetr, save_monai_weights, sidecar_path
+from accord_medssl.weights import alice_backbone, build_swin_unetr, save_monai_weights, sidecar_path
 from accord_medssl.models import SwinUNETRBackboneOptions
 from accord_medssl.views import VolumeRunConfig
 
 __all__ = [
-    "BestWeights",
     "EvaluateConfig",
     "FinetuneConfig",
     "SegmentationModel",
@@ -101,7 +101,8 @@ class FinetuneConfig(VolumeRunConfig):
     foreground_probability: float = Field(0.5, ge=0.0, le=1.0, description="chance that a crop centres on a label voxel")
     sliding_window: SlidingWindowOptions = SlidingWindowOptions()
     trainer: TrainerConfig = TrainerConfig(
-        max_steps=1000, batch_size=1, lr=1e-4, weight_decay=1e-5, warmup_steps=20, checkpoint_every=100, keep_last=1
+        max_steps=1000, batch_size=1, lr=1e-4, weight_decay=1e-5, warmup_steps=20, validate_every=100,
+        checkpoint_every=250, keep_last=1
     )
 
 
@@ -256,53 +257,33 @@ def segmentation_dice(
         network.train(was_training)
 
 
-class BestWeights:
-    """The best-scoring weights so far, kept in one MONAI weights file rewritten atomically on improvement.
-
-    Args:
-        path: the weights file; if it exists (a resumed run), the score in its sidecar JSON is the
-            one to beat.
-        swin_unetr_kwargs: constructor arguments of the network whose weights are kept.
-        metadata: provenance written with every version.
-    """
-
-    def __init__(self, path: Path, swin_unetr_kwargs: dict[str, Any], metadata: dict[str, Any]) -> None:
-        self.path = Path(path)
-        self.swin_unetr_kwargs = swin_unetr_kwargs
-        self.metadata = metadata
-        sidecar = sidecar_path(self.path)
-        self.score = json.loads(sidecar.read_text())["validation_dice"] if sidecar.is_file() else -math.inf
-
-    def update(self, step: int, score: float, network: nn.Module, details: dict[str, Any]) -> bool:
-        """Keep ``network``'s weights if ``score`` beats the best so far (NaN never does); True if kept."""
-        if not score > self.score:
-            return False
-        record = {**self.metadata, "step": step, "validation_dice": score, **details}
-        save_monai_weights(network.state_dict(), self.swin_unetr_kwargs, self.path, record)
-        self.score = score
-        return True
-
-
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def initial_network(cfg: FinetuneConfig, num_classes: int) -> tuple[SwinUNETR, dict[str, Any], dict[str, Any]]:
-    """The SwinUNETR to fine-tune, its constructor kwargs and how it was initialised.
+def segmentation_model(cfg: FinetuneConfig, num_classes: int) -> SegmentationModel:
+    """Model factory ``medssl.segmentation``: the SwinUNETR a ``finetune`` run trains (architecture
+    ``cfg.backbone``, which :func:`finetune` resolves before its checkpoints record the config)."""
+    kwargs = (cfg.backbone or SwinUNETRBackboneOptions()).monai_kwargs(out_channels=num_classes)
+    return SegmentationModel(SwinUNETR(**kwargs))
+
+
+def initial_network(cfg: FinetuneConfig, num_classes: int) -> tuple[SwinUNETR, SwinUNETRBackboneOptions, dict[str, Any]]:
+    """The SwinUNETR to fine-tune, its architecture and how it was initialised.
 
     With ``cfg.checkpoint``, every weight but the output layer comes from the Alice run's
-    ``cfg.pretrained_weights`` network, and the architecture from its config.yaml unless
-    ``cfg.backbone`` overrides it.
+    ``cfg.pretrained_weights`` network, and the architecture from that checkpoint's run config
+    unless ``cfg.backbone`` overrides it.
 
     Raises:
         ValueError: pretrained weights that do not fit the architecture.
     """
     if cfg.checkpoint is None:
-        kwargs = (cfg.backbone or SwinUNETRBackboneOptions()).monai_kwargs(out_channels=num_classes)
-        return SwinUNETR(**kwargs), kwargs, {"initialisation": {"checkpoint": None}}
+        backbone = cfg.backbone or SwinUNETRBackboneOptions()
+        return SwinUNETR(**backbone.monai_kwargs(out_channels=num_classes)), backbone, {"initialisation": {"checkpoint": None}}
     pretrained, weights, step = alice_backbone(cfg.checkpoint, cfg.pretrained_weights, drop_output_layer=True)
-    kwargs = (cfg.backbone or pretrained).monai_kwargs(out_channels=num_classes)
-    network = SwinUNETR(**kwargs)
+    backbone = cfg.backbone or pretrained
+    network = SwinUNETR(**backbone.monai_kwargs(out_channels=num_classes))
     try:
         missing, unexpected = network.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # shape mismatches
@@ -311,7 +292,7 @@ def initial_network(cfg: FinetuneConfig, num_classes: int) -> tuple[SwinUNETR, d
     if stray:
         raise ValueError(f"{cfg.checkpoint}: pretrained weights do not fit backbone {cfg.backbone}: keys {stray[:5]}")
     source = {"checkpoint": str(cfg.checkpoint.absolute()), "weights": cfg.pretrained_weights, "step": step}
-    return network, kwargs, {"initialisation": source}
+    return network, backbone, {"initialisation": source}
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -335,8 +316,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             f"label_fraction {cfg.label_fraction} of {len(splits['train'])} train cases leaves {len(train)}, fewer than "
             f"trainer.batch_size {cfg.trainer.batch_size} (volumes per step)"
         )
-    torch.manual_seed(cfg.seed)
-    network, kwargs, initialisation = initial_network(cfg, num_classes=len(labels))
+    network, backbone, initialisation = initial_network(cfg, num_classes=len(labels))
+    kwargs = backbone.monai_kwargs(out_channels=len(labels))
     train_volumes = training_crops(cfg, train)
     validation_volumes = cfg.volumes(splits["validation"], cfg.spacing)
     class_names = [labels[index] for index in range(1, len(labels))]
@@ -349,24 +330,24 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         "label_fraction": cfg.label_fraction,
         "train_cases": [item["image"] for item in train],
     }
-    best_path, log_path = cfg.run_dir / BEST_WEIGHTS, cfg.run_dir / "validation.jsonl"
 
-    def validate(step: int, model: nn.Module) -> None:
+    def validate(model: SegmentationModel, step: int) -> dict[str, float]:
         dice = segmentation_dice(model.network, validation_volumes, len(labels), cfg.crop_size, cfg.sliding_window)
-        mean = float(torch.nanmean(dice))
-        per_class = _per_class(class_names, dice)
-        with log_path.open("a") as log:
-            log.write(json.dumps({"step": step, "dice": _finite_or_none(mean), "dice_per_class": per_class}) + "\n")
-        best.update(step, mean, model.network, {"validation_dice_per_class": per_class})
+        per_class = {f"dice/{name}": value for name, value in zip(class_names, dice.tolist())}
+        return {"dice": float(torch.nanmean(dice)), **per_class}
 
-    trainer = Trainer(cfg.trainer, cfg.run_dir, before_checkpoint=validate)
-    if not list_checkpoints(trainer.checkpoint_dir):
-        # A fresh run: what an earlier run left in run_dir is not this run's best.
-        for stale in (best_path, sidecar_path(best_path), log_path):
-            stale.unlink(missing_ok=True)
-    best = BestWeights(best_path, kwargs, metadata)
+    def save(model: SegmentationModel, path: Path, record: dict[str, Any]) -> None:
+        per_class = {name: _finite_or_none(record["metrics"][f"dice/{name}"]) for name in class_names}
+        save_monai_weights(model.network.state_dict(), kwargs, path, {
+            **metadata, "step": record["step"], "validation_dice": record["score"],
+            "validation_dice_per_class": per_class})
+
+    best = BestCheckpoint("dice", cfg.run_dir / BEST_WEIGHTS, save=save)
+    # The checkpoints record the architecture actually trained, so load_run needs no pretrained checkpoint.
+    trainer = Trainer.for_run(cfg.model_copy(update={"backbone": backbone}), model_factory="medssl.segmentation",
+                              model_options={"num_classes": len(labels)}, validate=validate, callbacks=[best])
     result = trainer.fit(SegmentationModel(network), train_volumes, collate_fn=_crop_batch)
-    if not best.path.is_file():
+    if best.record is None:
         raise ValueError(f"{cfg.data}: no validation case holds any labelled class, so no weights could be selected")
     kept = json.loads(sidecar_path(best.path).read_text())
     return {

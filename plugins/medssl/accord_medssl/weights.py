@@ -1,7 +1,10 @@
-"""SwinUNETR weights out of medssl runs, as files that ``monai.networks.nets.SwinUNETR`` loads strictly.
+"""Weights in and out of medssl runs: pretrained backbones from checkpoints, and MONAI weights files.
 
-A *MONAI weights file* is a plain SwinUNETR ``state_dict`` plus the constructor arguments that
-build the matching network:
+Training code loads weights from here; :mod:`accord_medssl.export` only exports.
+
+A *MONAI weights file* is what ``monai.networks.nets.SwinUNETR`` loads strictly:
+
+a plain SwinUNETR ``state_dict`` plus the constructor arguments that build the matching network:
 
 - ``FILE.safetensors`` (safetensors; the metadata header repeats the JSON below, one JSON string per
   key), or any other suffix: ``torch.save`` of the plain tensor dict (loads with ``weights_only=True``);
@@ -15,9 +18,9 @@ Loading it in plain MONAI::
 
 ``accord export CKPT --format monai --out FILE`` (:func:`export_monai`) writes one from an Alice
 pretraining checkpoint; the ``finetune`` task writes its best segmentation network the same way.
-A pretraining checkpoint holds weights only: the architecture comes from the run's resolved
-``config.yaml`` (``<run_dir>/config.yaml`` beside ``<run_dir>/checkpoints/``), which the
-``pretrain`` task always writes (:func:`pretraining_options`).
+A pretraining checkpoint describes its run (``state["run"]``, see :func:`accord.runs.load_run`):
+the architecture comes from the resolved run config stored in it (:func:`pretraining_options`),
+so a checkpoint file is enough, without its run folder.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from typing import Any, Literal
 import torch
 from monai.networks.nets import SwinUNETR
 
-from accord.config import read_yaml
 from accord.training import load_checkpoint
 from accord.training.checkpoint import write_atomically
 from accord_medssl.alice import AliceOptions
@@ -40,7 +42,6 @@ __all__ = [
     "ALICE_BACKBONE_PREFIXES",
     "alice_backbone",
     "build_swin_unetr",
-    "export_monai",
     "load_monai_weights",
     "pretraining_options",
     "save_monai_weights",
@@ -55,29 +56,34 @@ ALICE_BACKBONE_PREFIXES = {
 }
 
 
-def pretraining_options(checkpoint: str | Path, method: str) -> dict[str, Any]:
-    """The ``method`` section of the resolved config of the run that wrote ``checkpoint``.
+def pretraining_options(checkpoint: str | Path, method: str, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``method`` section of the run config stored in a medssl pretraining checkpoint.
 
     Args:
-        checkpoint: ``<run_dir>/checkpoints/step_*.pt`` of a medssl ``pretrain`` run.
+        checkpoint: a ``step_*.pt`` of a medssl ``pretrain`` run.
         method: the method the run must have trained (``"alice"`` or ``"anatomy_embedding"``); its
             options section has the same name.
+        state: the checkpoint, if already loaded.
 
     Returns:
         The section as a plain dict (validate it with the method's options model).
 
     Raises:
-        ValueError: no ``<run_dir>/config.yaml``, or a run of another method.
+        ValueError: a checkpoint without a run record (written before checkpoints described their
+            run), or of another plugin, task or method.
     """
-    config_path = Path(checkpoint).absolute().parent.parent / "config.yaml"
-    if not config_path.is_file():
+    record = (state if state is not None else load_checkpoint(checkpoint))["run"]
+    if not record:
         raise ValueError(
-            f"{checkpoint}: {config_path} not found; a pretraining checkpoint's architecture is read from its "
-            "run's config.yaml, which the pretrain task writes into run_dir"
+            f"{checkpoint}: the checkpoint does not record its run config (written by an accord older than checkpoint "
+            "version 2); rerun the pretraining, or rebuild the model from that run's config.yaml by hand"
         )
-    config = read_yaml(config_path)
-    if config.get("method") != method:
-        raise ValueError(f"{checkpoint}: written by a method {config.get('method')!r} run ({config_path}), expected {method!r}")
+    config = record["config"]
+    if (record["plugin"], record["task"], config.get("method")) != ("medssl", "pretrain", method):
+        raise ValueError(
+            f"{checkpoint}: written by a {record['plugin']}.{record['task']} run of method {config.get('method')!r}, "
+            f"expected a medssl.pretrain run of method {method!r}"
+        )
     return dict(config.get(method) or {})
 
 
@@ -98,10 +104,10 @@ def alice_backbone(
         the optimizer steps the checkpoint had taken.
 
     Raises:
-        ValueError: not an Alice checkpoint or no config.yaml beside it.
+        ValueError: not an Alice checkpoint, or one that does not record its run config.
     """
-    options = AliceOptions.model_validate(pretraining_options(checkpoint, "alice")).backbone
     state = load_checkpoint(checkpoint)
+    options = AliceOptions.model_validate(pretraining_options(checkpoint, "alice", state)).backbone
     try:
         return options, monai_state_dict(state["model"], ALICE_BACKBONE_PREFIXES[weights], drop_output_layer), state["step"]
     except ValueError as exc:
@@ -173,24 +179,3 @@ def build_swin_unetr(path: str | Path) -> tuple[SwinUNETR, dict[str, Any]]:
     network = SwinUNETR(**metadata["swin_unetr_kwargs"])
     network.load_state_dict(state, strict=True)
     return network, metadata
-
-
-def export_monai(checkpoint: str | Path, out: str | Path) -> Path:
-    """``accord export CKPT --format monai --out FILE``: an Alice checkpoint's student SwinUNETR.
-
-    The weights include the reconstruction head (``out.*``, one channel per input channel), so
-    ``SwinUNETR(**kwargs)`` with the saved kwargs loads them with ``strict=True``; for a
-    segmentation network with other ``out_channels``, load with ``strict=False`` and expect only
-    ``out.*`` to be missing.
-
-    Raises:
-        ValueError: not an Alice checkpoint, or weights that do not fit the recorded architecture.
-    """
-    options, state, step = alice_backbone(checkpoint)
-    kwargs = options.monai_kwargs()
-    try:
-        SwinUNETR(**kwargs).load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{checkpoint}: weights do not fit the architecture in its run's config.yaml: {exc}") from None
-    provenance = {"source_checkpoint": str(Path(checkpoint).absolute()), "step": step, "weights": "student"}
-    return save_monai_weights(state, kwargs, out, provenance)

@@ -12,22 +12,25 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from accord.config import save_resolved
+from accord.runs import run_record
 from accord.training.checkpoint import build_checkpoint, capture_rng_state, checkpoint_path, save_checkpoint
 from accord_medssl.anatomy import AnatomyEmbeddingPretraining
-from accord_medssl.export import export_monai, sidecar_path
+from accord_medssl.export import export_monai
+from accord_medssl.weights import sidecar_path
 from accord_medssl.finetune import FinetuneConfig, initial_network
 from accord_medssl.tasks import AlicePretraining, PretrainConfig
 
 
 def _pretraining_run(run_dir: Path, data: Path, model: torch.nn.Module, **config: object) -> Path:
-    """A pretraining run directory as the pretrain task leaves it: config.yaml and one checkpoint."""
+    """A pretraining run directory as the pretrain task leaves it: config.yaml and one checkpoint that
+    records its run."""
     cfg = PretrainConfig(plugin="medssl", task="pretrain", data=data, run_dir=run_dir, **config)
     save_resolved(cfg, run_dir)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     state = build_checkpoint(
         step=7, data_position={"epoch": 0, "batch": 0}, model=model, optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), rng=[capture_rng_state()],
-        config=cfg.trainer.model_dump(mode="json"),
+        config=cfg.trainer.model_dump(mode="json"), run=run_record(cfg, f"medssl.{cfg.method}"),
     )
     return save_checkpoint(state, checkpoint_path(run_dir / "checkpoints", 7))
 
@@ -80,17 +83,29 @@ def test_export_names_what_is_wrong_with_other_checkpoints(only_medssl, msd_root
     anatomy = _pretraining_run(tmp_path / "anatomy", msd_root, AnatomyEmbeddingPretraining(), method="anatomy_embedding")
     result = CliRunner().invoke(app, ["export", str(anatomy), "--format", "monai", "--out", str(tmp_path / "x.pt")])
     assert result.exit_code == 2
-    assert "written by a method 'anatomy_embedding' run" in result.output and "expected 'alice'" in result.output
-    (tmp_path / "anatomy" / "config.yaml").unlink()
-    with pytest.raises(ValueError, match="config.yaml not found; a pretraining checkpoint's architecture is read"):
-        export_monai(anatomy, tmp_path / "x.pt")
+    assert f"error: {anatomy}: written by a medssl.pretrain run of method 'anatomy_embedding'" in result.output
+    assert "expected a medssl.pretrain run of method 'alice'" in result.output
+    state = torch.load(anatomy, weights_only=True)
+    state.update(version=1, run=None)
+    del state["digest"]
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="the checkpoint does not record its run config"):
+        export_monai(tmp_path / "old.pt", tmp_path / "x.pt")
+
+
+def test_a_moved_checkpoint_exports_without_its_run_folder(alice_checkpoint, tmp_path: Path) -> None:
+    checkpoint, _ = alice_checkpoint
+    alone = tmp_path / "alone.pt"
+    alone.write_bytes(checkpoint.read_bytes())
+    out = export_monai(alone, tmp_path / "alice.pt")
+    assert json.loads(sidecar_path(out).read_text())["swin_unetr_kwargs"]["feature_size"] == 12
 
 
 def test_finetuning_starts_from_the_pretrained_backbone(alice_checkpoint, msd_root: Path) -> None:
     checkpoint, model = alice_checkpoint
     cfg = FinetuneConfig(plugin="medssl", task="finetune", data=msd_root, checkpoint=checkpoint, crop_size=(32, 32, 32))
-    network, kwargs, provenance = initial_network(cfg, num_classes=7)
-    assert kwargs["feature_size"] == 12 and kwargs["out_channels"] == 7  # architecture from the run's config.yaml
+    network, backbone, provenance = initial_network(cfg, num_classes=7)
+    assert backbone.feature_size == 12 and network.out.conv.conv.out_channels == 7  # architecture from the checkpoint
     assert provenance["initialisation"]["step"] == 7
     pretrained = model.student.backbone.swin_unetr.state_dict()
     for name, value in network.state_dict().items():

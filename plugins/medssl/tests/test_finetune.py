@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from monai.networks.nets import SwinUNETR
-from safetensors.torch import load_file
 from torch import nn
 
-from accord_medssl.export import load_monai_weights, sidecar_path
+from accord.training.progress import read_metrics
+from accord_medssl.weights import load_monai_weights
 from accord_medssl.finetune import (
-    BestWeights,
     EvaluateConfig,
     FinetuneConfig,
     SlidingWindowOptions,
@@ -90,20 +89,6 @@ def test_dice_is_one_for_a_perfect_network_and_nan_for_an_absent_class() -> None
     assert dice[:2].tolist() == [1.0, 1.0] and math.isnan(dice[2])
 
 
-def test_best_weights_keep_the_maximum_and_survive_a_resume(tmp_path: Path) -> None:
-    network = nn.Linear(2, 1)
-    path = tmp_path / "best.safetensors"
-    best = BestWeights(path, {"in_features": 2}, {"run": "test"})
-    for step, score in enumerate([0.2, 0.5, math.nan, 0.4, 0.5], start=1):
-        nn.init.constant_(network.weight, step)
-        best.update(step, score, network, {"note": step})
-    info = json.loads(sidecar_path(path).read_text())
-    assert (info["step"], info["validation_dice"], info["note"], info["run"]) == (2, 0.5, 2, "test")
-    assert load_file(path)["weight"].eq(2).all()
-    resumed = BestWeights(path, {"in_features": 2}, {})
-    assert resumed.score == 0.5 and not resumed.update(6, 0.45, network, {})
-
-
 @pytest.fixture(scope="module")
 def tuned(msd_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[FinetuneConfig, dict]:
     """Four steps from random init on half of the train cases, validating after every step."""
@@ -111,7 +96,7 @@ def tuned(msd_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Fin
     cfg = FinetuneConfig(
         plugin="medssl", task="finetune", data=msd_root, run_dir=run_dir, cache="memory", backbone=TINY_BACKBONE,
         crop_size=(32, 32, 32), label_fraction=0.5, seed=1,
-        trainer={"max_steps": 4, "batch_size": 1, "lr": 3e-3, "warmup_steps": 0, "checkpoint_every": 1, "log_every": 1},
+        trainer={"max_steps": 4, "batch_size": 1, "lr": 3e-3, "warmup_steps": 0, "validate_every": 1, "log_every": 1},
     )
     return cfg, finetune(cfg)
 
@@ -120,18 +105,19 @@ def test_finetune_keeps_the_weights_of_the_best_validation_dice(tuned: tuple[Fin
     cfg, result = tuned
     # 4 cases: 1 test, 1 validation, 2 train of which label_fraction 0.5 keeps 1.
     assert result["labelled_cases"] == 1
-    log = [json.loads(line) for line in (cfg.run_dir / "validation.jsonl").read_text().splitlines()]
+    log = [record for record in read_metrics(cfg.run_dir / "metrics.jsonl") if "val/dice" in record]
     assert [record["step"] for record in log] == [1, 2, 3, 4]
-    best = max(log, key=lambda record: record["dice"])  # the first of equal maxima
-    assert result["best_step"] == best["step"] and result["validation_dice"] == pytest.approx(best["dice"])
+    best = max(log, key=lambda record: record["val/dice"])  # the first of equal maxima
+    assert result["best_step"] == best["step"] and result["validation_dice"] == pytest.approx(best["val/dice"])
     state, info = load_monai_weights(result["weights"])
     assert info["step"] == best["step"] and info["swin_unetr_kwargs"]["out_channels"] == 7
+    assert info["validation_dice_per_class"]["liver"] == pytest.approx(best["val/dice/liver"])
     network = SwinUNETR(**info["swin_unetr_kwargs"])
     network.load_state_dict(state, strict=True)
     _, labels = labelled_items(cfg.data)
     validation = cfg.volumes(split_cases(labelled_items(cfg.data)[0], cfg.split)["validation"], cfg.spacing)
     recomputed = segmentation_dice(network, validation, len(labels), cfg.crop_size, cfg.sliding_window)
-    assert float(torch.nanmean(recomputed)) == pytest.approx(best["dice"], abs=1e-5)
+    assert float(torch.nanmean(recomputed)) == pytest.approx(best["val/dice"], abs=1e-5)
 
 
 def test_evaluate_reports_per_class_dice_on_the_test_case(tuned: tuple[FinetuneConfig, dict], tmp_path: Path) -> None:

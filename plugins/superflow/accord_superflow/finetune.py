@@ -13,47 +13,45 @@ Protocol (SuperFlow's downstream configs, method spec §5.4 / §6):
   :class:`~accord.training.Trainer`;
 - ``linear_probe: true`` trains the head only, on a backbone frozen outright (parameters *and*
   BatchNorm statistics; upstream lets the statistics drift);
-- with a ``data.validation_split``, every checkpoint step scores point mIoU on it and the best
-  weights are kept as ``<run_dir>/best.pt`` (without one, the final weights are written there);
-  ``evaluate`` reads that file.
+- with a ``data.validation_split``, the trainer validates every ``trainer.validate_every`` steps
+  and after the last step: point mIoU, accuracy and per-class IoU on that split, logged as
+  ``val/miou``, ``val/accuracy`` and ``val/iou/<class>`` in ``metrics.jsonl``; the core
+  :class:`~accord.training.BestCheckpoint` keeps the best-mIoU weights as ``<run_dir>/best.pt``
+  (without a validation split, the final weights are written there); ``evaluate`` reads that file.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import Field, field_validator, model_validator
 
 from accord.config import ExistingPath, RunConfig, TrainerConfig
-from accord.training import Trainer
-from accord.training.checkpoint import list_checkpoints
+from accord.training import BestCheckpoint, Trainer
 from accord_superflow.data.index import LABEL_FRACTIONS, label_fraction_subset
 from accord_superflow.evaluate import save_segmenter, score_segmenter, segmenter_record
+from accord_superflow.weights import load_pretrained_backbone
 from accord_superflow.pretrain import PointAugmentationConfig
 from accord_superflow.segmentation import (
+    SEGMENTATION_CLASSES,
     LidarSegDataset,
-    LidarSegmenter,
     SegmentationDataConfig,
     SegmentationLoss,
     SegmentationModelConfig,
     SegmentationTraining,
     build_segmenter,
     collate_scans,
-    load_pretrained_backbone,
 )
 
-__all__ = ["BEST_WEIGHTS", "FinetuneDataConfig", "FinetuneConfig", "BestSegmenter", "build_finetune_model",
+__all__ = ["BEST_WEIGHTS", "FinetuneDataConfig", "FinetuneConfig", "build_finetune_model",
            "finetune"]
 
 log = logging.getLogger(__name__)
 
 BEST_WEIGHTS = "best.pt"
-VALIDATION_LOG = "validation.jsonl"
 #: The head's parameters in :class:`SegmentationTraining`, for the trainer's ``lr_multipliers``.
 HEAD_PARAMETERS = r"^segmenter\.head\."
 
@@ -62,8 +60,8 @@ class FinetuneDataConfig(SegmentationDataConfig):
     """Training and validation scans."""
 
     train_split: str = Field("train", description="official split to train on (v1.0-mini: mini_train)")
-    validation_split: str | None = Field("val", description="split scored at every checkpoint to keep the best "
-                                                            "weights; None: keep the final weights")
+    validation_split: str | None = Field("val", description="split scored every trainer.validate_every steps to keep "
+                                                            "the best weights; None: keep the final weights")
     label_fraction: int = Field(100, description=f"percent of the train scenes, one of {LABEL_FRACTIONS} (SLidR)")
     augmentation: PointAugmentationConfig = PointAugmentationConfig(rotation_range=(-math.pi, math.pi))
 
@@ -90,7 +88,8 @@ class FinetuneConfig(RunConfig):
     # SuperFlow: AdamW(1e-3, wd 0.01), OneCycle, 100 epochs of 4 scans x 4 GPUs; 1750 steps are 100
     # epochs of the 1 % subset (about 280 keyframes). Warm-up + cosine follow the OneCycle shape.
     trainer: TrainerConfig = TrainerConfig(max_steps=1750, batch_size=16, lr=1e-3, weight_decay=0.01,
-                                           warmup_steps=350, min_lr=4e-7, checkpoint_every=175, keep_last=1)
+                                           warmup_steps=350, min_lr=4e-7, validate_every=175, checkpoint_every=350,
+                                           keep_last=1)
 
     @model_validator(mode="after")
     def _head_learns_faster(self) -> FinetuneConfig:
@@ -100,29 +99,14 @@ class FinetuneConfig(RunConfig):
         return self
 
 
-class BestSegmenter:
-    """Keeps the best-scoring segmenter weights in one file, rewritten on improvement.
+def _nan_if_none(value: float | None) -> float:
+    """A score for the trainer's validation metrics: ``None`` (nothing to score) becomes NaN."""
+    return math.nan if value is None else value
 
-    Args:
-        path: the weights file; a resumed run competes with the score stored in it.
-        model: the config that rebuilds the segmenter.
-        metadata: provenance stored with every version.
-    """
 
-    def __init__(self, path: Path, model: SegmentationModelConfig, metadata: dict[str, Any]) -> None:
-        self.path = path
-        self.model = model
-        self.metadata = metadata
-        self.score = segmenter_record(path)["validation_miou"] if path.is_file() else -math.inf
-
-    def update(self, step: int, score: float, segmenter: LidarSegmenter, details: dict[str, Any]) -> bool:
-        """Keep ``segmenter`` if ``score`` beats the best so far; True if kept."""
-        if not score > self.score:
-            return False
-        save_segmenter(self.path, segmenter, self.model, {**self.metadata, "step": step, "validation_miou": score,
-                                                          **details})
-        self.score = score
-        return True
+def segmentation_model(cfg: FinetuneConfig) -> SegmentationTraining:
+    """Model factory ``superflow.segmentation``: the trainer-contract segmenter of ``cfg``, randomly initialised."""
+    return SegmentationTraining(build_segmenter(cfg.model), SegmentationLoss(cfg.lovasz_weight))
 
 
 def build_finetune_model(cfg: FinetuneConfig) -> tuple[SegmentationTraining, dict[str, Any]]:
@@ -132,11 +116,11 @@ def build_finetune_model(cfg: FinetuneConfig) -> tuple[SegmentationTraining, dic
         ValueError: a checkpoint that is not a SuperFlow pretraining checkpoint of ``model.backbone``'s
             architecture.
     """
-    segmenter = build_segmenter(cfg.model)
-    initialisation = None if cfg.checkpoint is None else load_pretrained_backbone(segmenter.backbone, cfg.checkpoint)
+    model = segmentation_model(cfg)
+    initialisation = None if cfg.checkpoint is None else load_pretrained_backbone(model.segmenter.backbone, cfg.checkpoint)
     if cfg.linear_probe:
-        segmenter.freeze_backbone()
-    return SegmentationTraining(segmenter, SegmentationLoss(cfg.lovasz_weight)), {"initialisation": initialisation}
+        model.segmenter.freeze_backbone()
+    return model, {"initialisation": initialisation}
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -151,36 +135,41 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """
     from accord_superflow.data import require_valid
 
-    require_valid(cfg.data.root)
+    splits = [cfg.data.train_split] + ([cfg.data.validation_split] if cfg.data.validation_split else [])
+    require_valid(cfg.data.root, version=cfg.data.version, splits=splits)
     train_index = label_fraction_subset(cfg.data.index(cfg.data.train_split), cfg.data.label_fraction)
     train = LidarSegDataset(cfg.data.root, train_index, cfg.data.augmentation)
     validation = (None if cfg.data.validation_split is None
                   else LidarSegDataset(cfg.data.root, cfg.data.index(cfg.data.validation_split)))
-    torch.manual_seed(cfg.seed)
     model, initialisation = build_finetune_model(cfg)
     metadata = {**initialisation, "linear_probe": cfg.linear_probe, "label_fraction": cfg.data.label_fraction,
                 "train_split": cfg.data.train_split, "train_scenes": train_index.scene_names()}
-    best_path, log_path = cfg.run_dir / BEST_WEIGHTS, cfg.run_dir / VALIDATION_LOG
+    best_path = cfg.run_dir / BEST_WEIGHTS
 
-    def validate(step: int, trained: SegmentationTraining) -> None:
+    def validate(trained: SegmentationTraining, step: int) -> dict[str, float]:
         scores = score_segmenter(trained.segmenter, validation)
-        with log_path.open("a") as handle:
-            handle.write(json.dumps({"step": step, **scores}) + "\n")
-        best.update(step, scores["miou"] or 0.0, trained.segmenter,
-                    {"validation_iou_per_class": scores["iou_per_class"]})
+        per_class = {f"iou/{name}": _nan_if_none(value) for name, value in scores["iou_per_class"].items()}
+        return {"miou": _nan_if_none(scores["miou"]), "accuracy": _nan_if_none(scores["accuracy"]), **per_class}
 
-    trainer = Trainer(cfg.trainer, cfg.run_dir, before_checkpoint=None if validation is None else validate)
-    if not list_checkpoints(trainer.checkpoint_dir):
-        # A fresh run: weights an earlier run left in run_dir are not this run's best.
-        best_path.unlink(missing_ok=True)
-        log_path.unlink(missing_ok=True)
-    best = BestSegmenter(best_path, cfg.model, metadata)
+    def save(trained: SegmentationTraining, path: Path, record: dict[str, Any]) -> None:
+        iou = {name: record["metrics"][f"iou/{name}"] for name in SEGMENTATION_CLASSES}
+        save_segmenter(path, trained.segmenter, cfg.model, {
+            **metadata, "step": record["step"], "validation_miou": record["score"],
+            "validation_iou_per_class": {name: None if math.isnan(value) else value for name, value in iou.items()}})
+
+    best = BestCheckpoint("miou", best_path, save=save)
+    trainer = Trainer.for_run(cfg, model_factory="superflow.segmentation",
+                              validate=None if validation is None else validate,
+                              callbacks=[] if validation is None else [best])
     log.info("fine-tuning on %d keyframes (%d %% of %s: %d scenes)%s", len(train), cfg.data.label_fraction,
              cfg.data.train_split, len(train_index.scene_names()), ", linear probing" if cfg.linear_probe else "")
     result = trainer.fit(model, train, collate_fn=collate_scans)
     if validation is None:
         save_segmenter(best_path, model.segmenter, cfg.model,
                        {**metadata, "step": cfg.trainer.max_steps, "validation_miou": None})
+    elif best.record is None:
+        raise ValueError(f"{cfg.data.root}: no keyframe of split {cfg.data.validation_split} has a labelled point, "
+                         "so no weights could be selected")
     kept = segmenter_record(best_path)
     return {**result, "weights": str(best_path), "best_step": kept["step"], "validation_miou": kept["validation_miou"],
             "train_keyframes": len(train), "train_scenes": train_index.scene_names()}

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from accord_superflow.models.teacher import DinoV2Teacher, build_teacher
 from accord_superflow.models.voxelize import DEFAULT_VOXEL_SIZE, cylindrical_voxelize
 
 __all__ = [
+    "superflow_model",
     "NUM_FRAMES",
     "CLOUD_FRAMES",
     "AugmentationConfig",
@@ -108,7 +109,7 @@ class PretrainDataConfig(StrictModel):
     num_sweeps: int = Field(2, ge=0, description="previous sweeps in the dense cloud")
     image_size: tuple[int, int] = Field((224, 448), description="(height, width) after resizing")
     min_depth: float = Field(1.0, gt=0, description="pairs need depth > min_depth (metres)")
-    margin_px: float = Field(0.0, ge=0, description="pairs need margin_px < u < W - 1 (0: SuperFlow)")
+    margin_px: float = Field(0.0, ge=0, description="pixels dropped at every image border (core project_points rule; 0: the whole image)")
     cache_dir: Path | None = Field(None, description="info index cache; None: <root>/superflow_cache")
     augmentation: AugmentationConfig = AugmentationConfig()
 
@@ -418,3 +419,9 @@ def build_superflow(model: SuperFlowModelConfig, loss: SuperFlowLossConfig, grou
     return SuperFlow(build_backbone(model.backbone), build_teacher(model.teacher),
                      SuperFlowLoss(groups_per_sample, loss), backbone_channels=model.backbone.out_channels,
                      embed_dim=model.embed_dim, voxel_size=model.voxel_size)
+
+
+def superflow_model(cfg: Any, groups_per_sample: int) -> SuperFlow:
+    """Model factory ``superflow.superflow``: a ``pretrain`` run's model from its config and the dataset's
+    group-id bound (recorded in its checkpoints)."""
+    return build_superflow(cfg.model, cfg.loss, groups_per_sample)

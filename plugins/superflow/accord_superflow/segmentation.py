@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
-from accord.checks import check_tensor
+from accord.utils.checks import check_tensor
 from accord.config import ExistingPath, StrictModel
 from accord_superflow.data.index import InfoIndex, KeyframeInfo, load_info_index
 from accord_superflow.data.schema import LIDARSEG_CLASSES, LIDARSEG_TO_SEMANTIC, SEMANTIC_SUPERPIXEL_CLASSES
@@ -54,7 +54,6 @@ __all__ = [
     "SegmentationLoss",
     "SegmentationTraining",
     "build_segmenter",
-    "load_pretrained_backbone",
 ]
 
 #: The 16 nuScenes-lidarseg challenge classes (the devkit's coarse names), in label order 0..15.
@@ -268,31 +267,3 @@ def build_segmenter(model: SegmentationModelConfig) -> LidarSegmenter:
 
     head = nn.Linear(model.backbone.out_channels, NUM_CLASSES)
     return LidarSegmenter(build_backbone(model.backbone), head, model.voxel_size)
-
-
-def load_pretrained_backbone(backbone: nn.Module, checkpoint: str | Path) -> dict[str, Any]:
-    """Copy the ``backbone_3d.*`` weights of a SuperFlow pretraining checkpoint into ``backbone``.
-
-    The weights go through :func:`accord_superflow.export.backbone_state_dict` (spconv 1.x kernel
-    layout, no module metadata), which mmdet3d's spconv loader converts back, exactly like an
-    mmdet3d segmentor loading the exported file.
-
-    Returns:
-        ``{"checkpoint": path, "step": pretraining step}``.
-
-    Raises:
-        ValueError: the file is not a readable accord checkpoint, holds no SuperFlow backbone, or
-            its backbone does not have ``backbone``'s architecture.
-    """
-    from accord.training import load_checkpoint
-    from accord_superflow.export import backbone_state_dict
-
-    state = load_checkpoint(checkpoint)
-    weights = backbone_state_dict(state["model"], prefix_to="")
-    try:
-        backbone.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        summary = str(exc).splitlines()[0:3]
-        raise ValueError(f"{checkpoint}: its backbone_3d weights do not fit model.backbone (set model.backbone "
-                         f"to the pretraining run's architecture): {' '.join(summary)}") from None
-    return {"checkpoint": str(Path(checkpoint).absolute()), "step": int(state["step"])}

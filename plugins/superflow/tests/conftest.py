@@ -84,7 +84,7 @@ def pretrain_one_step(_tiny_template: Path, tmp_path_factory: pytest.TempPathFac
                                                      teacher=TeacherConfig(random_width=16, random_layers=1),
                                                      embed_dim=8, voxel_size=(0.3, 3.0, 0.3)),
                                 SuperFlowLossConfig(), dataset.groups_per_sample)
-        result = Trainer(TrainerConfig(max_steps=1, batch_size=2, schedule="constant"), work / "run").fit(
+        result = Trainer(TrainerConfig(max_steps=1, batch_size=2, schedule="constant"), work / "run", seed=0).fit(
             model, dataset, collate_pretrain)
         return Path(result["checkpoint"])
 

@@ -52,7 +52,7 @@ def _pretrained_backbone(pretrained: Path) -> dict[str, torch.Tensor]:
 
 
 def test_export_is_a_weights_only_mmengine_checkpoint(pretrained, exported):
-    from accord_superflow.export import to_spconv1_layout
+    from accord_superflow.weights import to_spconv1_layout
 
     payload = torch.load(exported, map_location="cpu", weights_only=True)
     weights = payload["state_dict"]
@@ -124,7 +124,7 @@ def test_export_refuses_a_checkpoint_without_a_superflow_backbone(tmp_path):
     from accord_superflow.export import export_mmdet3d
 
     model = nn.Linear(2, 2)
-    run = Trainer(TrainerConfig(max_steps=1, batch_size=2), tmp_path).fit(
+    run = Trainer(TrainerConfig(max_steps=1, batch_size=2), tmp_path, seed=0).fit(
         _LinearLoss(model), torch.utils.data.TensorDataset(torch.randn(4, 2)))
     with pytest.raises(ValueError, match="backbone_3d"):
         export_mmdet3d(run["checkpoint"], tmp_path / "out.pth")

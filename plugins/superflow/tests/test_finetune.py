@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from accord.config import TrainerConfig, validate_config
 from accord.training import Trainer
+from accord.training.progress import read_metrics
 from accord_superflow.data import load_info_index
 from accord_superflow.data.schema import LIDARSEG_CLASSES
 from accord_superflow.evaluate import EvaluateConfig, evaluate
@@ -39,8 +40,8 @@ def finetune_config(root: Path, run_dir: Path, **changes) -> dict:
         "data": {"root": str(root), "version": "v1.0-mini", "train_split": "mini_train",
                  "validation_split": "mini_val", "cache_dir": str(run_dir.parent / "index")},
         "model": {"backbone": TINY_BACKBONE, "voxel_size": COARSE_VOXELS},
-        "trainer": {"max_steps": 4, "batch_size": 2, "lr": 0.01, "warmup_steps": 1, "checkpoint_every": 2,
-                    "log_every": 1},
+        "trainer": {"max_steps": 4, "batch_size": 2, "lr": 0.01, "warmup_steps": 1, "validate_every": 2,
+                    "checkpoint_every": 4, "log_every": 1},
     }
     for key, value in changes.items():
         section, _, field = key.rpartition(".")
@@ -94,7 +95,7 @@ def test_loss_is_cross_entropy_plus_twice_lovasz_over_labelled_voxels():
 
 @pytest.mark.parametrize("linear_probe", [False, True])
 def test_head_learns_head_lr_mult_times_faster_through_trainer_groups(_tiny_template, tmp_path, linear_probe):
-    from accord.training.trainer import parameter_groups
+    from accord.training.optim import parameter_groups
 
     cfg = validate_config(FinetuneConfig, finetune_config(_tiny_template, tmp_path / "run", head_lr_mult=10.0,
                                                           linear_probe=linear_probe), "test")
@@ -122,7 +123,7 @@ def test_linear_probing_keeps_the_backbone_bit_identical(_tiny_template, tmp_pat
     head_before = model.segmenter.head.weight.detach().clone()
     dataset = LidarSegDataset(_tiny_template, index, cfg.data.augmentation)
     Trainer(TrainerConfig(max_steps=3, batch_size=2, lr=0.01, schedule="constant", checkpoint_every=10),
-            tmp_path / "run").fit(model, dataset, collate_fn=collate_scans)
+            tmp_path / "run", seed=0).fit(model, dataset, collate_fn=collate_scans)
     after = _backbone_state(model)
     assert not torch.equal(model.segmenter.head.weight, head_before)
     running = [k for k in after if k.endswith(("running_mean", "running_var"))]
@@ -167,12 +168,13 @@ def test_finetune_task_validates_and_keeps_the_best_weights(_tiny_template, tmp_
     config.write_text(yaml.safe_dump(finetune_config(_tiny_template, run_dir)))
     result = CliRunner().invoke(app, ["run", str(config)])
     assert result.exit_code == 0, result.output
-    validations = [json.loads(line) for line in (run_dir / "validation.jsonl").read_text().splitlines()]
+    validations = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val/miou" in r]
     assert [v["step"] for v in validations] == [2, 4]
-    assert all(v["keyframes"] == 3 and 0 <= v["miou"] <= 1 for v in validations)
+    assert all(0 <= v["val/miou"] <= 1 and 0 <= v["val/accuracy"] <= 1 for v in validations)
     segmenter, record = load_segmenter(run_dir / "best.pt")
-    best = max(validations, key=lambda v: v["miou"])
-    assert record["step"] == best["step"] and math.isclose(record["validation_miou"], best["miou"])
+    best = max(validations, key=lambda v: v["val/miou"])
+    assert record["step"] == best["step"] and math.isclose(record["validation_miou"], best["val/miou"])
+    assert record["validation_iou_per_class"]["car"] == best.get("val/iou/car")
     assert record["label_fraction"] == 100 and record["train_scenes"] == ["scene-0061", "scene-0553"]
     # The saved weights (spconv kernels included) reload into the same network: evaluate reproduces
     # the validation score of the kept step.
@@ -180,7 +182,7 @@ def test_finetune_task_validates_and_keeps_the_best_weights(_tiny_template, tmp_
         "plugin": "superflow", "run_dir": str(tmp_path / "eval"), "checkpoint": str(run_dir / "best.pt"),
         "data": {"root": str(_tiny_template), "version": "v1.0-mini", "split": "mini_val",
                  "cache_dir": str(tmp_path / "index")}}, "test"))
-    assert scored["miou"] == pytest.approx(best["miou"], abs=1e-12)
+    assert scored["miou"] == pytest.approx(best["val/miou"], abs=1e-12)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(m["ce"]) and np.isfinite(m["lovasz"]) for m in metrics if "loss" in m)
 
