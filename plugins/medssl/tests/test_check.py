@@ -78,6 +78,24 @@ def _truncated_gzip(root: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def _gzip_crc_mismatch(root: Path) -> None:
+    """Flip one voxel byte of a stored (uncompressed) deflate stream: nibabel decodes the wrong voxel
+    without complaint, only the gzip CRC-32 at the end of the file tells."""
+    path = root / "imagesTr" / CASE
+    raw = gzip.decompress(path.read_bytes())
+    data = bytearray(gzip.compress(raw, compresslevel=0))
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert np.asanyarray(nib.load(path).dataobj).shape == (16, 16, 12)  # nibabel alone accepts it
+
+
+def _gzip_without_trailer(root: Path) -> None:
+    """Drop the 8-byte CRC-32 and length trailer, as an interrupted copy does."""
+    path = root / "imagesTr" / CASE
+    path.write_bytes(path.read_bytes()[:-8])
+    assert np.asanyarray(nib.load(path).dataobj).shape == (16, 16, 12)  # nibabel alone accepts it
+
+
 def _thick_slices(root: Path) -> None:
     _resave(root / "imagesTs" / TEST_IMAGE, affine=np.diag([-1.5, -1.5, 50.0, 1.0]))
 
@@ -125,6 +143,10 @@ DEFECTS = [
     ("missing test image", lambda r: (r / "imagesTs" / TEST_IMAGE).unlink(), TEST_IMAGE, "^missing$"),
     ("garbage file", lambda r: (r / "labelsTr" / CASE).write_bytes(b"not a nifti"), CASE, "unreadable NIfTI"),
     ("truncated gzip", _truncated_gzip, CASE, "unreadable NIfTI"),
+    ("gzip CRC mismatch", _gzip_crc_mismatch, CASE,
+     r"^unreadable NIfTI: corrupt or truncated gzip data \(BadGzipFile: CRC check failed"),
+    ("gzip without trailer", _gzip_without_trailer, CASE,
+     r"^unreadable NIfTI: corrupt or truncated gzip data \(EOFError: Compressed file ended"),
     ("label shape mismatch", _rewrite("labelsTr", lambda label: label[:, :, :-1]), CASE,
      r"shape \(16, 16, 11\) differs from its image"),
     ("label affine mismatch", _shifted_label, CASE, "affine differs from its image .* by up to 2 mm"),

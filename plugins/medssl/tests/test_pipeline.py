@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.transforms import LoadImage
 
 from accord_medssl.data import build_dataset, decathlon_items, nifti_folder_items, preprocessing
 
@@ -51,19 +55,112 @@ def test_spacing_resamples_to_the_expected_grid(msd_root: Path, phantom_spec) ->
     assert set(out["label"].unique().tolist()) <= set(range(7))
 
 
-def test_disk_cache_second_pass_never_touches_the_nifti_files(msd_root: Path, tmp_path: Path) -> None:
+def _forbid_nifti_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every NIfTI decode raise (the cache still stats the sources to see they are unchanged)."""
+
+    def decode(*args, **kwargs):
+        raise AssertionError("a NIfTI file was decoded")
+
+    monkeypatch.setattr(LoadImage, "__call__", decode)
+
+
+def test_disk_cache_second_pass_never_touches_the_nifti_files(
+    msd_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = shutil.copytree(msd_root, tmp_path / "data")
     cache_dir = tmp_path / "cache"
     items = decathlon_items(data)
     cold = build_dataset(items, cache="disk", cache_dir=cache_dir)
     first = [cold[index] for index in range(len(items))]
     assert len(list(cache_dir.iterdir())) == len(items)
-    shutil.rmtree(data)  # any decode attempt would now raise
+    _forbid_nifti_decoding(monkeypatch)
     dataset = build_dataset(items, cache="disk", cache_dir=cache_dir)
     for index, expected in enumerate(first):
         cached = dataset[index]
         assert torch.equal(cached["image"], expected["image"]) and torch.equal(cached["label"], expected["label"])
         assert torch.equal(cached["image"].affine, expected["image"].affine)
+
+
+def test_disk_cache_serves_what_the_pipeline_computes(msd_root: Path, tmp_path: Path) -> None:
+    items = decathlon_items(msd_root)[:1]
+    plain = build_dataset(items, cache="none")[0]
+    for dataset in (build_dataset(items, cache="disk", cache_dir=tmp_path),) * 2:  # cold, then warm
+        cached = dataset[0]
+        for key in ("image", "label"):
+            assert torch.equal(cached[key], plain[key]) and cached[key].dtype == plain[key].dtype
+            assert torch.equal(cached[key].affine, plain[key].affine)
+            assert torch.equal(cached[key].pixdim, plain[key].pixdim)
+            assert cached[key].meta["filename_or_obj"] == plain[key].meta["filename_or_obj"]
+            assert np.array_equal(cached[key].meta["spatial_shape"], plain[key].meta["spatial_shape"])
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True], ids=["edited", "copied with its mtime"])
+def test_disk_cache_rereads_a_replaced_source_file(msd_root: Path, tmp_path: Path, keep_mtime: bool) -> None:
+    source = nib.load(decathlon_items(msd_root)[0]["image"])
+    voxels = np.asanyarray(source.dataobj)
+    # Uncompressed, so that the replacement has the very same size.
+    item = {"image": _write(tmp_path / "ct.nii", voxels, source.affine)}
+    before = build_dataset([item], cache="disk", cache_dir=tmp_path / "cache")[0]["image"]
+    stat = os.stat(item["image"])
+    time.sleep(0.05)  # file times tick with the kernel's coarse clock (a few ms)
+    _write(tmp_path / "ct.nii", np.ascontiguousarray(voxels[::-1]), source.affine)
+    assert os.stat(item["image"]).st_size == stat.st_size
+    if keep_mtime:  # cp -p, rsync -a: only the change time tells
+        os.utime(item["image"], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = build_dataset([item], cache="disk", cache_dir=tmp_path / "cache")[0]["image"]
+    assert torch.equal(after, torch.flip(before, dims=[1]))
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the entry was replaced, not added
+
+
+class _PlantedPayload:
+    """Pickles to a call that creates ``marker``: what an attacker would plant in a cache directory."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_pickle_in_the_cache_is_never_executed(msd_root: Path, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    items = decathlon_items(msd_root)[:1]
+    cache_dir, marker = tmp_path / "cache", tmp_path / "code-ran"
+    # The payload does run when unpickled, as MONAI's PersistentDataset(weights_only=False) did.
+    torch.save({"volume": _PlantedPayload(marker)}, tmp_path / "probe.pt")
+    torch.load(tmp_path / "probe.pt", weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+
+    expected = build_dataset(items, cache="disk", cache_dir=cache_dir)[0]["image"]
+    (entry,) = cache_dir.iterdir()
+    for planted in (entry, cache_dir / "0123abcd.pt"):  # in place of the entry, and beside it
+        shutil.copy(tmp_path / "probe.pt", planted)
+    with caplog.at_level(logging.WARNING, logger="accord_medssl.data.pipeline"):
+        served = build_dataset(items, cache="disk", cache_dir=cache_dir)[0]["image"]
+    assert not marker.exists()
+    assert torch.equal(served, expected)
+    assert [record.getMessage().split(" (")[0] for record in caplog.records] == [
+        f"{entry}: not a valid disk-cache entry"
+    ]
+
+
+def test_a_corrupt_cache_entry_is_rebuilt_with_a_warning(msd_root: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    items = decathlon_items(msd_root)[:1]
+    expected = build_dataset(items, cache="disk", cache_dir=tmp_path)[0]["image"]
+    (entry,) = tmp_path.iterdir()
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="accord_medssl.data.pipeline"):
+        assert torch.equal(build_dataset(items, cache="disk", cache_dir=tmp_path)[0]["image"], expected)
+    (warning,) = caplog.records
+    assert warning.levelno == logging.WARNING
+    assert warning.getMessage().startswith(f"{entry}: not a valid disk-cache entry (")
+    assert warning.getMessage().endswith("); rebuilding it")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="accord_medssl.data.pipeline"):
+        build_dataset(items, cache="disk", cache_dir=tmp_path)[0]
+    assert not caplog.records  # rebuilt: read back without complaint
 
 
 def test_disk_cache_keys_on_the_preprocessing_settings(msd_root: Path, tmp_path: Path) -> None:

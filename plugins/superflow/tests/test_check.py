@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,6 +79,45 @@ def _ragged_scan(root: Path) -> str:
     with (root / sweep["filename"]).open("ab") as f:
         f.write(b"\0" * 6)
     return sweep["filename"]
+
+
+def _keyframe_camera(root: Path) -> dict:
+    return _first(root, "sample_data", fileformat="jpg", is_key_frame=True)
+
+
+def _truncated_image(root: Path) -> str:
+    """The first half of a JPEG, as an interrupted download leaves it: it opens, but does not decode."""
+    relative = _keyframe_camera(root)["filename"]
+    data = (root / relative).read_bytes()
+    (root / relative).write_bytes(data[: len(data) // 2])
+    return relative
+
+
+def _corrupt_image(root: Path) -> str:
+    relative = _keyframe_camera(root)["filename"]
+    (root / relative).write_bytes(b"\x00" * 2048)
+    return relative
+
+
+def _resized_image(root: Path) -> str:
+    from PIL import Image
+
+    relative = _keyframe_camera(root)["filename"]
+    with Image.open(root / relative) as image:
+        image.resize((80, 45)).save(root / relative)
+    return relative
+
+
+def _non_finite_point(value: float, keyframe: bool) -> Callable[[Path], str]:
+    def damage(root: Path) -> str:
+        scan = next(r for r in _records(root, "sample_data") if r["fileformat"] == "pcd"
+                    and r["is_key_frame"] == keyframe)
+        points = np.fromfile(root / scan["filename"], dtype=np.float32).reshape(-1, 5)
+        points[7, 2] = value
+        points.tofile(root / scan["filename"])
+        return scan["filename"]
+
+    return damage
 
 
 def _missing_image(root: Path) -> str:
@@ -170,7 +210,13 @@ CASES = {
     "empty scan": (_empty_sweep, "empty LiDAR scan"),
     "ragged scan": (_ragged_scan, "not a whole number of 5-float32 points"),
     "missing image": (_missing_image, "missing file referenced by sample_data"),
-    "image size": (_set_field("sample_data", "width", 0, lambda r: r["fileformat"] == "jpg"), "not positive integers"),
+    "truncated image": (_truncated_image, r"camera image does not decode \(OSError: image file is truncated"),
+    "corrupt image": (_corrupt_image, r"camera image does not decode \(UnidentifiedImageError: cannot identify"),
+    "image size": (_resized_image, "camera image is 80x45, its sample_data record says 160x90"),
+    "NaN point": (_non_finite_point(np.nan, keyframe=True), r"^1 of \d+ points hold NaN or Inf values"),
+    "Inf point in a sweep": (_non_finite_point(np.inf, keyframe=False), r"^1 of \d+ points hold NaN or Inf values"),
+    "record image size": (_set_field("sample_data", "width", 0, lambda r: r["fileformat"] == "jpg"),
+                          "not positive integers"),
     "missing is_key_frame": (_drop_is_key_frame, "missing field 'is_key_frame'"),
     "superpixel id": (_superpixel_out_of_range, "superpixel id 20 out of range; ids must be < 17"),
     "superpixel size": (_superpixel_wrong_size, "is 10x10, its camera image is 160x90"),
@@ -198,6 +244,75 @@ def test_each_defect_is_named(tiny_root: Path, case: str) -> None:
     problems = check_nuscenes(tiny_root)
     matching = [p for p in problems if where in p.path and re.search(message, p.message)]
     assert matching, f"no problem at {where!r} matching {message!r} in {[str(p) for p in problems]}"
+
+
+@pytest.mark.parametrize("case", ["truncated image", "corrupt image", "NaN point", "Inf point in a sweep"])
+def test_each_file_defect_is_exactly_one_line(tiny_root: Path, case: str) -> None:
+    damage, message = CASES[case]
+    where = damage(tiny_root)
+    problems = check_nuscenes(tiny_root)
+    assert [p.path for p in problems] == [where], [str(p) for p in problems]
+
+
+@pytest.mark.parametrize("table", ["sample_data", "calibrated_sensor", "sensor", "sample", "scene", "log", "map"])
+def test_a_missing_table_is_reported_once_not_with_its_consequences(nuscenes_root: Path, tmp_path: Path,
+                                                                  table: str) -> None:
+    root = Path(shutil.copytree(nuscenes_root, tmp_path / "data"))
+    (root / VERSION / f"{table}.json").unlink()
+    problems = check_nuscenes(root)
+    assert [str(p) for p in problems] == [f"{root / VERSION / table}.json: missing table; NuScenes() needs all "
+                                          "13 tables"]
+
+
+def test_the_requested_version_must_be_present(tiny_root: Path) -> None:
+    assert check_nuscenes(tiny_root, version=VERSION) == []
+    assert [str(p) for p in check_nuscenes(tiny_root, version="v1.0-trainval")] == [
+        f"{tiny_root / 'v1.0-trainval'}: missing table directory of the requested version v1.0-trainval; "
+        f"this dataset has {VERSION}"
+    ]
+    assert "unknown nuScenes version 'v2.0'" in check_nuscenes(tiny_root, version="v2.0")[0].message
+    with pytest.raises(ValueError, match="missing table directory of the requested version v1.0-trainval"):
+        require_valid(tiny_root, version="v1.0-trainval")
+
+
+def test_the_requested_splits_must_belong_to_the_version_and_have_scenes(tiny_root: Path) -> None:
+    assert check_nuscenes(tiny_root, version=VERSION, splits=["mini_train", "mini_val"]) == []
+    (problem,) = check_nuscenes(tiny_root, version=VERSION, splits=["train"])
+    assert problem.message == "split 'train' is not a v1.0-mini split; expected one of mini_train, mini_val"
+    # The one mini_val scene renamed: the split has no scene left in this dataset.
+    _edit(tiny_root, "scene", lambda records: next(r for r in records if r["name"] == "scene-0103").update(
+        name="scene-9999"))
+    (problem,) = check_nuscenes(tiny_root, version=VERSION, splits=["mini_train", "mini_val"])
+    assert problem.path == f"{VERSION}/scene.json"
+    assert problem.message.startswith("none of the 2 scenes of split 'mini_val' is in the table")
+    with pytest.raises(ValueError, match="need the version"):
+        check_nuscenes(tiny_root, splits=["mini_val"])
+
+
+def test_data_check_command_prints_one_line_per_problem_then_the_count(tiny_root: Path) -> None:
+    from typer.testing import CliRunner
+
+    from accord.cli import app
+
+    where = _truncated_image(tiny_root)
+    result = CliRunner().invoke(app, ["data", "check", "superflow", str(tiny_root)])
+    assert result.exit_code == 1
+    first, count = result.output.split("\n", 1)
+    assert first.startswith(f"{where}: camera image does not decode")
+    assert count.replace("\n", "") == f"1 problem(s) in {tiny_root}"  # rich wraps a long path
+
+
+def test_data_check_command_checks_the_version_it_is_asked_for(tiny_root: Path) -> None:
+    from typer.testing import CliRunner
+
+    from accord.cli import app
+
+    assert CliRunner().invoke(app, ["data", "check", "superflow", str(tiny_root), f"version={VERSION}"]).exit_code == 0
+    result = CliRunner().invoke(app, ["data", "check", "superflow", str(tiny_root), "version=v1.0-trainval"])
+    assert result.exit_code == 1
+    assert "missing table directory of the requested version v1.0-trainval" in result.output
+    unknown = CliRunner().invoke(app, ["data", "check", "superflow", str(tiny_root), "colour=red"])
+    assert unknown.exit_code == 2 and "colour" in unknown.output
 
 
 def test_require_valid_lists_every_problem(tiny_root: Path) -> None:

@@ -10,15 +10,19 @@
   under ROOT (recursive, hidden files skipped) must pass the volume checks as a single-channel
   3D CT; an empty folder is a problem.
 
-Volume checks: the file opens with nibabel and its voxels decode; the array is 3D
-``(X, Y, Z)``, where a 4D ``(X, Y, Z, 1)`` counts as 3D because MONAI loads it as one channel
-(``EnsureChannelFirstd`` gives the same ``(1, X, Y, Z)``), and an MSD image of an N-modality
-dataset is ``(X, Y, Z, N)``; no NaN or Inf voxel; a finite affine whose voxel sizes (the norms of
-its columns, which is what MONAI resamples by) and the header's pixdim all lie in (0, 20] mm.
+Volume checks: a ``.nii.gz`` decompresses completely with a matching gzip checksum and length
+(nibabel reads only the bytes it needs and never reaches the trailer, so flipped bytes or a
+cut-off end would otherwise train on wrong voxels); the file opens with nibabel and its voxels
+decode; the array is 3D ``(X, Y, Z)``, where a 4D ``(X, Y, Z, 1)`` counts as 3D because MONAI
+loads it as one channel (``EnsureChannelFirstd`` gives the same ``(1, X, Y, Z)``), and an MSD
+image of an N-modality dataset is ``(X, Y, Z, N)``; no NaN or Inf voxel; a finite affine whose
+voxel sizes (the norms of its columns, which is what MONAI resamples by) and the header's pixdim
+all lie in (0, 20] mm.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import zlib
 from dataclasses import dataclass
@@ -40,6 +44,7 @@ MAX_SPACING_MM = 20.0
 AFFINE_TOLERANCE_MM = 1e-3
 REQUIRED_FIELDS = ("labels", "modality", "training", "numTraining")
 _READ_ERRORS = (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error)
+_GZIP_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,13 @@ def _read_volume(path: Path, problems: list[Problem]) -> _Volume | None:
     if not path.is_file():
         problems.append(Problem(str(path), "missing"))
         return None
+    if path.name.endswith(".gz"):
+        try:
+            _read_whole_gzip(path)
+        except (OSError, EOFError, zlib.error) as exc:
+            problems.append(Problem(str(path), f"unreadable NIfTI: corrupt or truncated gzip data "
+                                               f"({type(exc).__name__}: {exc}); copy the file again"))
+            return None
     try:
         image = nib.load(path)
         # nibabel "fixes" a zero pixdim to 1 mm while loading; re-read the header unfixed to see it.
@@ -73,6 +85,19 @@ def _read_volume(path: Path, problems: list[Problem]) -> _Volume | None:
     except _READ_ERRORS as exc:
         problems.append(Problem(str(path), f"unreadable NIfTI ({type(exc).__name__}: {exc})"))
         return None
+
+
+def _read_whole_gzip(path: Path) -> None:
+    """Decompress ``path`` to its end in chunks; :mod:`gzip` checks the CRC-32 and length trailer there.
+
+    Raises:
+        OSError: ``gzip.BadGzipFile`` for a wrong checksum, length or header.
+        EOFError: the stream ends before its trailer.
+        zlib.error: invalid compressed data.
+    """
+    with gzip.open(path, "rb") as stream:
+        while stream.read(_GZIP_CHUNK_BYTES):
+            pass
 
 
 def _has_volume_shape(volume: _Volume, channels: int) -> bool:

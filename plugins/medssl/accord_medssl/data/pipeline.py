@@ -12,18 +12,28 @@ NumPy generators, which a ``Compose`` seeds from OS entropy unless told otherwis
 ``DataLoader`` worker works on a copy of the dataset, so unless reseeded every worker would repeat
 the same stream and every epoch the first one. :func:`build_dataset` seeds them from ``seed`` and
 reseeds them in each worker from that seed and the worker's own.
+
+The disk cache stores safetensors files (tensors and string metadata, nothing executable), so a
+file planted in a shared cache directory cannot run code; an entry is reused only while its
+source files keep their size, modification and change times, so a replaced NIfTI is read again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import monai
 import numpy as np
+import safetensors.torch
 import torch
-from monai.data import CacheDataset, Dataset, PersistentDataset
-from monai.data.utils import pickle_hashing
+from monai.data import CacheDataset, Dataset, MetaTensor
 from monai.transforms import (
     CastToTyped,
     Compose,
@@ -33,14 +43,20 @@ from monai.transforms import (
     Orientationd,
     ScaleIntensityRanged,
     Spacingd,
+    apply_transform,
 )
 from monai.utils import MAX_SEED
+from safetensors import SafetensorError, safe_open
 
 __all__ = ["HU_WINDOW", "CacheMode", "preprocessing", "build_dataset"]
 
 #: Alice's soft-tissue CT window in HU, mapped to [0, 1].
 HU_WINDOW = (-125.0, 225.0)
 CacheMode = Literal["disk", "memory", "none"]
+#: Layout of a disk-cache entry; part of every entry's identity, so changing it rebuilds the cache.
+_CACHE_FORMAT = 1
+
+log = logging.getLogger(__name__)
 
 
 def preprocessing(
@@ -63,7 +79,7 @@ def preprocessing(
         axcodes: target orientation; RAS is the plugin's canonical frame.
         hu_window: ``(low, high)`` HU mapped to [0, 1] with clipping; ``None`` leaves raw HU.
     """
-    keys = ["image", "label"] if with_label else ["image"]
+    keys = _volume_keys(with_label)
     transforms: list[MapTransform] = [
         LoadImaged(keys, image_only=True),
         # NIfTI is channel-last for multi-channel volumes and channel-less for 3D ones; MONAI
@@ -82,6 +98,11 @@ def preprocessing(
         # Label ids are small integers; uint8 makes cached volumes 4x smaller than float32.
         transforms.append(CastToTyped("label", dtype=torch.uint8))
     return Compose(transforms)
+
+
+def _volume_keys(with_label: bool) -> list[str]:
+    """The item keys :func:`preprocessing` loads."""
+    return ["image", "label"] if with_label else ["image"]
 
 
 class _SeededCompose(Compose):
@@ -113,6 +134,109 @@ class _SeededCompose(Compose):
         return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
 
 
+def _source_fingerprint(path: str) -> list[int]:
+    """Size, modification and change time of ``path`` (ns): a new value means new content.
+
+    The change time also moves when a file is replaced by a copy that kept the old modification
+    time (``cp -p``, ``rsync -a``); hashing the content would cost a full read on every access.
+    """
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+class _DiskCache(Dataset):
+    """``preprocess`` outputs kept as one safetensors file per item in ``cache_dir``; ``augment`` runs on every access.
+
+    An entry's file name hashes the item's resolved paths and the preprocessing ``settings``; the
+    entry also stores the sources' fingerprints and is used only while they are unchanged, so an
+    edited or replaced source overwrites its entry instead of leaving stale ones behind. safetensors
+    files hold tensors and string metadata only: a file that is not a valid entry (corrupt, or
+    planted) cannot run code when read, and is logged and rebuilt. Each volume keeps the
+    metadata training reads: its affine (and so its spacing), original ``spatial_shape`` and
+    ``filename_or_obj``.
+
+    Args:
+        items: ``{"image": path[, "label": path]}`` dicts; other keys pass through unchanged.
+        keys: the item keys ``preprocess`` loads.
+        preprocess: the deterministic transforms whose output is cached.
+        augment: the transforms run after the cache.
+        cache_dir: where entries live; created if missing.
+        settings: JSON-serialisable preprocessing options; a change gives new entries.
+    """
+
+    def __init__(self, items: Sequence[dict[str, str]], keys: Sequence[str], preprocess: Compose, augment: Compose,
+                 cache_dir: Path, settings: dict[str, Any]) -> None:
+        super().__init__(items, augment)
+        self.keys = tuple(keys)
+        self.preprocess = preprocess
+        self.cache_dir = cache_dir
+        self.settings = settings
+        cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def _transform(self, index: int) -> Any:
+        item = self.data[index]
+        return apply_transform(self.transform, {**item, **self._volumes(item)})
+
+    def _volumes(self, item: dict[str, str]) -> dict[str, MetaTensor]:
+        """The preprocessed volumes of ``item``, from its entry when that is current, else built and stored."""
+        # MONAI's version too: a release may change how its transforms resample or reorient.
+        identity = json.dumps({"format": _CACHE_FORMAT, "monai": monai.__version__, "settings": self.settings,
+                               "files": {key: str(Path(item[key]).resolve()) for key in self.keys}}, sort_keys=True)
+        sources = json.dumps({key: _source_fingerprint(item[key]) for key in self.keys}, sort_keys=True)
+        path = self.cache_dir / f"{hashlib.sha256(identity.encode()).hexdigest()}.safetensors"
+        if path.exists():
+            cached = self._read(path, identity, sources)
+            if cached is not None:
+                return cached
+        built = self.preprocess({key: item[key] for key in self.keys})
+        tensors = {}
+        for key in self.keys:
+            volume = built[key]
+            tensors[key] = volume.as_tensor().contiguous()
+            tensors[f"{key}.affine"] = volume.affine.contiguous()
+            tensors[f"{key}.spatial_shape"] = torch.as_tensor(np.asarray(volume.meta["spatial_shape"], dtype=np.int64))
+        filenames = json.dumps({key: str(built[key].meta["filename_or_obj"]) for key in self.keys})
+        self._write(path, tensors, {"identity": identity, "sources": sources, "filenames": filenames})
+        # The reduced form also on a miss, so that fresh and cached items collate alike.
+        return self._as_volumes(tensors, filenames)
+
+    def _read(self, path: Path, identity: str, sources: str) -> dict[str, MetaTensor] | None:
+        """The entry's volumes, or ``None`` when it is stale or not a valid entry (logged)."""
+        try:
+            with safe_open(path, framework="pt") as entry:
+                metadata = entry.metadata() or {}
+                if metadata.get("identity") != identity or metadata.get("sources") != sources:
+                    log.info("%s: its source files changed since they were cached; preprocessing them again", path)
+                    return None
+                tensors = {name: entry.get_tensor(name) for name in entry.keys()}
+            return self._as_volumes(tensors, metadata["filenames"])
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
+            log.warning("%s: not a valid disk-cache entry (%s: %s); rebuilding it", path, type(exc).__name__, exc)
+            return None
+
+    def _as_volumes(self, tensors: dict[str, torch.Tensor], filenames: str) -> dict[str, MetaTensor]:
+        names = json.loads(filenames)
+        return {
+            key: MetaTensor(tensors[key], affine=tensors[f"{key}.affine"],
+                            meta={"filename_or_obj": names[key],
+                                  "spatial_shape": tensors[f"{key}.spatial_shape"].numpy()})
+            for key in self.keys
+        }
+
+    def _write(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        """Write the entry under a temporary name and rename it: readers (other workers, runs) see
+        the old entry or the whole new one, never part of it."""
+        payload = safetensors.torch.save(tensors, metadata)
+        handle, temp = tempfile.mkstemp(dir=self.cache_dir, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(payload)
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+
+
 def build_dataset(
     items: Sequence[dict[str, str]],
     cache: CacheMode = "disk",
@@ -131,18 +255,19 @@ def build_dataset(
         items: data list from :func:`~accord_medssl.data.layout.decathlon_items` or
             :func:`~accord_medssl.data.layout.nifti_folder_items`; either all items have a
             ``"label"`` or none does.
-        cache: ``"disk"`` (MONAI PersistentDataset: preprocessed volumes pickled in ``cache_dir``,
+        cache: ``"disk"`` (preprocessed volumes stored as safetensors files in ``cache_dir``,
             reused across epochs, processes and runs), ``"memory"`` (MONAI CacheDataset: all
             volumes preprocessed up front and held in RAM), or ``"none"`` (decode on every access).
         cache_dir: directory for ``cache="disk"``; created if missing. The file name of an entry
             hashes the item's paths *and* the preprocessing settings, so changing ``spacing`` or the
-            window never serves stale volumes; replacing a source file under the same path does
-            (clear the directory then).
+            window never serves stale volumes, and an entry is rebuilt when a source file's size,
+            modification or change time differs. Entries cannot run code when read (an invalid one
+            is logged and rebuilt), but whoever can write there can still change the volumes.
         spacing: target voxel size in mm, or ``None`` for the native grid (:func:`preprocessing`).
         axcodes: target orientation (:func:`preprocessing`).
         hu_window: HU range mapped to [0, 1], or ``None`` (:func:`preprocessing`).
-        augment: transforms applied after :func:`preprocessing` (crops, augmentation). MONAI caches
-            everything up to the first random transform, so random ones run on every access.
+        augment: transforms applied after :func:`preprocessing` (crops, augmentation) on every
+            access; the memory cache also keeps those before the first random one.
         seed: seed of the random ``augment`` transforms (pass the run seed); ``DataLoader`` workers
             reseed from it and their worker seed. The generators' states are not part of a trainer
             checkpoint, so a resumed run draws other augmentations than an uninterrupted one.
@@ -150,7 +275,8 @@ def build_dataset(
 
     Returns:
         A ``torch.utils.data.Dataset`` of dicts with ``image`` ``(1, X, Y, Z)`` float32 and, when
-        labelled, ``label`` ``(1, X, Y, Z)`` uint8 MetaTensors.
+        labelled, ``label`` ``(1, X, Y, Z)`` uint8 MetaTensors. From the disk cache their meta holds
+        only ``affine``, ``spatial_shape`` and ``filename_or_obj``.
 
     Raises:
         ValueError: unknown ``cache``, ``cache="disk"`` without ``cache_dir``, or items that mix
@@ -159,19 +285,19 @@ def build_dataset(
     labelled = {"label" in item for item in items}
     if len(labelled) > 1:
         raise ValueError("items mix labelled and unlabelled entries; build one dataset per kind")
-    steps = preprocessing(with_label=labelled == {True}, spacing=spacing, axcodes=axcodes, hu_window=hu_window)
-    # One flat Compose: MONAI caches the leading non-random transforms of the top level only, and a
-    # nested Compose counts as random, which would silently disable the cache.
-    transform = _SeededCompose([*steps.transforms, *augment], seed)
+    with_label = labelled == {True}
+    steps = preprocessing(with_label=with_label, spacing=spacing, axcodes=axcodes, hu_window=hu_window)
     if cache == "disk":
         if cache_dir is None:
             raise ValueError('cache="disk" needs cache_dir')
-        # track_meta keeps the MetaTensor affine in the cache. Loading it back needs full unpickling:
-        # with weights_only=True MONAI takes the file for corrupt and silently recomputes it, i.e.
-        # no cache at all. Only point cache_dir at a directory you trust (it holds pickles).
-        return PersistentDataset(
-            items, transform, cache_dir=cache_dir, hash_transform=pickle_hashing, track_meta=True, weights_only=False
-        )
+        settings = {"with_label": with_label, "axcodes": axcodes,
+                    "spacing": None if spacing is None else [float(size) for size in spacing],
+                    "hu_window": None if hu_window is None else [float(bound) for bound in hu_window]}
+        return _DiskCache(items, _volume_keys(with_label), steps, _SeededCompose(list(augment), seed),
+                          Path(cache_dir), settings)
+    # One flat Compose: MONAI caches the leading non-random transforms of the top level only, and a
+    # nested Compose counts as random, which would silently disable the cache.
+    transform = _SeededCompose([*steps.transforms, *augment], seed)
     if cache == "memory":
         return CacheDataset(items, transform, num_workers=num_workers, progress=False)
     if cache == "none":

@@ -26,7 +26,7 @@ from accord_superflow.data.index import (
     load_info_index,
     split_scene_names,
 )
-from accord_superflow.data.projection import PointPixelPairs, pair_points_with_cameras, project_to_image
+from accord_superflow.data.projection import PointPixelPairs, pair_points_with_cameras
 from accord_superflow.data.superpixels import (
     SlicParams,
     cached_slic_superpixels,
@@ -59,7 +59,6 @@ __all__ = [
     "load_semantic_superpixels",
     "load_superpixels",
     "pair_points_with_cameras",
-    "project_to_image",
     "require_valid",
     "sensor_to_sensor",
     "slic_superpixels",

@@ -8,12 +8,15 @@ directly and names the table record (``<version>/<table>.json[<token>]``) or fil
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from accord.registry import Problem
+from PIL import Image
 
+from accord_superflow.data.index import split_scene_names
 from accord_superflow.data.schema import LIDARSEG_CLASSES, POINT_DIMS, SPLITS_BY_VERSION, TABLES
 from accord_superflow.data.superpixels import (
     META_FILE,
@@ -56,59 +59,93 @@ _UNIT_TOLERANCE = 1e-3
 _POINT_BYTES = POINT_DIMS * 4
 
 
-def require_valid(root: str | Path) -> None:
+def require_valid(root: str | Path, version: str | None = None, splits: Sequence[str] = ()) -> None:
     """Raise if :func:`check_nuscenes` finds anything.
+
+    Args:
+        root: dataset root.
+        version: the table version training will load (``data.version``); ``None``: every one present.
+        splits: the official splits training will read (``data.split`` ...), all of ``version``.
 
     Raises:
         ValueError: one line per problem.
     """
-    problems = check_nuscenes(root)
+    problems = check_nuscenes(root, version=version, splits=splits)
     if problems:
         raise ValueError(f"{root}: nuScenes dataset check failed ({len(problems)} problems):\n"
                          + "\n".join(map(str, problems)))
 
 
-def check_nuscenes(root: str | Path) -> list[Problem]:
-    """Check every table directory (``v1.0-*``) under ``root`` and its superpixel directories.
+def check_nuscenes(root: str | Path, version: str | None = None, splits: Sequence[str] = ()) -> list[Problem]:
+    """Check the table directory of ``version`` (default: every ``v1.0-*`` one) and the superpixels.
 
-    Reports: missing or unreadable tables; records without a token; tokens that do not resolve;
-    logs without a map; samples linked across scenes; missing sensor, map and lidarseg files;
-    LiDAR files that are empty or not rows of 5 float32; lidarseg label counts that differ from the
-    point count; lidarseg records not keyed by their LiDAR token; categories without a valid
-    lidarseg ``index``; rotations that are not unit quaternions; malformed camera intrinsics;
-    superpixel maps with a wrong size or ids out of range.
+    Reports: a missing ``version`` directory (naming the versions present) or an unknown one;
+    splits that are not splits of ``version`` or none of whose scenes is in ``scene.json``;
+    missing or unreadable tables (and then nothing else of that version: every other check
+    resolves records across tables and would repeat the cause dozens of times); records without a
+    token; tokens that do not resolve; logs without a map; samples linked across scenes; missing
+    sensor, map and lidarseg files; keyframe camera images that do not decode completely (what
+    training reads; other camera images only need to exist) or whose size differs from their
+    record; LiDAR files that are empty, not rows of 5 float32 or hold NaN or Inf values; lidarseg
+    label counts that differ from the point count; lidarseg records not keyed by their LiDAR
+    token; categories without a valid lidarseg ``index``; rotations that are not unit quaternions;
+    malformed camera intrinsics; superpixel maps with a wrong size or ids out of range.
+
+    Every LiDAR file and keyframe image is read in full, so on the full dataset this takes as long
+    as reading those files once.
+
+    Args:
+        root: dataset root.
+        version: the table version training will load; ``None`` checks every one present.
+        splits: official splits of ``version`` that training will read.
 
     Returns:
         One :class:`Problem` per issue; empty when the dataset is valid.
+
+    Raises:
+        ValueError: ``splits`` without a ``version``.
     """
     root = Path(root)
+    if splits and version is None:
+        raise ValueError(f"splits {list(splits)} need the version they belong to")
     if not root.is_dir():
         return [Problem(str(root), "dataset root is not a directory")]
-    versions = sorted(v for v in SPLITS_BY_VERSION if (root / v).is_dir())
-    if not versions:
+    present = sorted(v for v in SPLITS_BY_VERSION if (root / v).is_dir())
+    if version is not None and version not in SPLITS_BY_VERSION:
+        return [Problem(str(root), f"unknown nuScenes version {version!r}; expected one of "
+                                   f"{', '.join(SPLITS_BY_VERSION)}")]
+    if version is not None and version not in present:
+        found = f"this dataset has {', '.join(present)}" if present else "this dataset has no version directory"
+        return [Problem(str(root / version), f"missing table directory of the requested version {version}; {found}")]
+    if not present:
         return [Problem(str(root), f"no table directory; expected one of {', '.join(SPLITS_BY_VERSION)}")]
     problems: list[Problem] = []
     camera_sizes: dict[str, tuple[int, int]] = {}
     keyframe_cameras: set[str] = set()
-    for version in versions:
-        checker = _VersionChecker(root, version)
+    tables_complete = True
+    for checked in present if version is None else [version]:
+        checker = _VersionChecker(root, checked, splits)
         problems += checker.run()
         camera_sizes.update(checker.camera_sizes)
         keyframe_cameras |= checker.keyframe_cameras
-    problems += _check_superpixels(root, camera_sizes, keyframe_cameras)
+        tables_complete &= checker.tables_complete
+    if tables_complete:  # else no camera is known and every superpixel map would be reported
+        problems += _check_superpixels(root, camera_sizes, keyframe_cameras)
     return problems
 
 
 class _VersionChecker:
     """The checks of one ``<root>/<version>/`` table directory."""
 
-    def __init__(self, root: Path, version: str) -> None:
+    def __init__(self, root: Path, version: str, splits: Sequence[str]) -> None:
         self.root = root
         self.version = version
+        self.splits = tuple(splits)
         self.problems: list[Problem] = []
         self.tables: dict[str, dict[str, dict]] = {}
         self.camera_sizes: dict[str, tuple[int, int]] = {}
         self.keyframe_cameras: set[str] = set()
+        self.tables_complete = False
 
     def report(self, where: str, message: str) -> None:
         self.problems.append(Problem(where, message))
@@ -119,6 +156,10 @@ class _VersionChecker:
     def run(self) -> list[Problem]:
         for table in TABLES:
             self._load(table, required=True)
+        self.tables_complete = all(table in self.tables for table in TABLES)
+        self._check_splits()
+        if not self.tables_complete:
+            return self.problems
         self._load("lidarseg", required=False)
         self._check_references()
         self._check_maps_and_logs()
@@ -152,10 +193,23 @@ class _VersionChecker:
             by_token[token] = record
         self.tables[table] = by_token
 
+    def _check_splits(self) -> None:
+        """Each split is one of this version's, and at least one of its scenes is in scene.json."""
+        names = {record.get("name") for record in self.tables.get("scene", {}).values()}
+        for split in self.splits:
+            try:
+                scenes = split_scene_names(self.version, split)
+            except ValueError as exc:
+                self.report(str(self.root / self.version), str(exc))
+                continue
+            if "scene" in self.tables and not names & set(scenes):
+                self.report(f"{self.version}/scene.json", f"none of the {len(scenes)} scenes of split {split!r} is "
+                                                          "in the table; training on it would find no keyframes")
+
     def _check_references(self) -> None:
         for table, field, target, how in _FOREIGN_KEYS:
-            if table not in self.tables or target not in self.tables:
-                continue  # reported as a missing table already
+            if table not in self.tables:
+                continue  # lidarseg, the one optional table
             targets = self.tables[target]
             for token, record in self.tables[table].items():
                 if field not in record:
@@ -174,8 +228,6 @@ class _VersionChecker:
                                     f"{field} {ref!r} does not resolve to a token of {target}.json")
 
     def _check_maps_and_logs(self) -> None:
-        if "map" not in self.tables or "log" not in self.tables:
-            return
         if not self.tables["map"]:
             self.report(f"{self.version}/map.json", "empty; NuScenes() needs at least one map")
         mapped = {log for m in self.tables["map"].values() if isinstance(m.get("log_tokens"), list)
@@ -235,13 +287,17 @@ class _VersionChecker:
             modality = self._sensor_of(record).get("modality")
             if modality == "camera":
                 image_size = (record.get("width"), record.get("height"))
-                if all(isinstance(v, int) and v > 0 for v in image_size):
+                known_size = all(isinstance(v, int) and v > 0 for v in image_size)
+                if known_size:
                     self.camera_sizes[token] = image_size
                     if record.get("is_key_frame"):
                         self.keyframe_cameras.add(token)
                 else:
                     self.report(self.record("sample_data", token),
                                 f"camera width/height {image_size} are not positive integers")
+                # Training reads the keyframe images only.
+                if path is not None and record.get("is_key_frame"):
+                    self._check_image(record["filename"], path, image_size if known_size else None)
             if modality != "lidar" or path is None:
                 continue
             size = path.stat().st_size
@@ -249,6 +305,26 @@ class _VersionChecker:
                 self.report(record["filename"], f"empty LiDAR scan (sample_data {token})")
             elif size % _POINT_BYTES:
                 self.report(record["filename"], f"{size} bytes is not a whole number of {POINT_DIMS}-float32 points")
+            else:
+                points = np.fromfile(path, dtype=np.float32).reshape(-1, POINT_DIMS)
+                bad = int((~np.isfinite(points)).any(axis=1).sum())
+                if bad:
+                    self.report(record["filename"], f"{bad} of {len(points)} points hold NaN or Inf values "
+                                                    f"(sample_data {token}); every value must be finite")
+
+    def _check_image(self, relative: str, path: Path, expected_size: tuple[int, int] | None) -> None:
+        """Decode a camera image completely, as training does: PIL decodes lazily, so a cut-off or
+        corrupt JPEG opens fine and fails only in ``load()``."""
+        try:
+            with Image.open(path) as image:
+                image.load()
+                size = image.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            self.report(relative, f"camera image does not decode ({type(exc).__name__}: {exc})")
+            return
+        if expected_size is not None and size != expected_size:
+            self.report(relative, f"camera image is {size[0]}x{size[1]}, its sample_data record says "
+                                  f"{expected_size[0]}x{expected_size[1]}")
 
     def _check_lidarseg(self) -> None:
         if "lidarseg" not in self.tables:
