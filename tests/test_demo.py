@@ -1,12 +1,12 @@
-"""``accord demo`` gathers each plugin's quick benchmark into runs/demo/summary.md."""
+"""``accord demo`` gathers each plugin's quick pipeline benchmark into runs/demo/summary.md."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
+from accord.benchmarking import BenchmarkResult, ResultTable
 from accord.cli import app
 from accord.config import BenchmarkConfig
 from accord.hookspecs import hookimpl
@@ -14,15 +14,22 @@ from accord.plugins import get_host
 
 
 class _QuickPlugin:
-    @hookimpl
-    def register_tasks(self, register):
-        def benchmark(cfg: BenchmarkConfig) -> dict:
-            plot = cfg.run_dir / "plot.png"
-            plot.parent.mkdir(parents=True, exist_ok=True)
-            plot.write_bytes(b"png")
-            return {"markdown": f"| quick | {cfg.quick} |", "plots": [str(plot)]}
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ran: list[bool] = []
 
-        register("benchmark", benchmark, config=BenchmarkConfig)
+    @hookimpl
+    def register_benchmarks(self, register):
+        def pipeline(cfg: BenchmarkConfig) -> BenchmarkResult:
+            self.ran.append(cfg.quick)
+            plot = cfg.run_dir / "plot.png"
+            plot.write_bytes(b"png")
+            return BenchmarkResult(f"{self.name} pipeline", [ResultTable("scores", ["quick"], [[cfg.quick]])],
+                                   plots=[plot])
+
+        register("pipe", pipeline, config=BenchmarkConfig)
+        register("fast", lambda cfg: BenchmarkResult.measured("never in the demo", {}), config=BenchmarkConfig,
+                 kind="speed")
 
 
 class _NoPipeline:
@@ -31,28 +38,23 @@ class _NoPipeline:
         return {"domain": "test"}
 
 
-def test_demo_writes_summary_with_tables_plots_and_notes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_writes_summary_with_tables_plots_and_notes(tmp_path: Path) -> None:
     host = get_host()
-    host.pm.register(_QuickPlugin(), name="quickplug")
+    # Stand-ins for the core pipeline (tested in tests/toy) and a plugin's, to keep this test fast.
+    host.pm.unregister(name="core")
+    core, quick = _QuickPlugin("core"), _QuickPlugin("quickplug")
+    host.pm.register(core, name="core")
+    host.pm.register(quick, name="quickplug")
     host.pm.register(_NoPipeline(), name="bare")
-    import accord.cli
-
-    ran = []
-    real = accord.cli.run_benchmark
-
-    def only_test_plugins(plugin, **kwargs):
-        ran.append(plugin)
-        if plugin == "core":  # the real core pipeline is tested in tests/toy; keep this test fast
-            return {"markdown": "core table", "plots": []}
-        return real(plugin, **kwargs)
-
-    monkeypatch.setattr(accord.cli, "run_benchmark", only_test_plugins)
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--plugin", "quickplug", "--plugin", "bare"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert ran == ["core", "quickplug"]
+    assert core.ran == [True] and quick.ran == [True]
     summary = (out / "summary.md").read_text()
-    assert "| quick | True |" in summary and "core table" in summary
-    assert "![quickplug plot](quickplug/plot.png)" in summary
-    assert "## bare" in summary and "No quick pipeline" in summary
+    assert summary.index("## core") < summary.index("## quickplug") < summary.index("## bare")
+    assert "### quickplug pipeline" in summary and "| True |" in summary and "never in the demo" not in summary
+    assert f"`accord benchmark quickplug pipe --quick --out {out / 'quickplug' / 'pipe'}`" in summary
+    assert "![quickplug.pipe plot](quickplug/pipe/plot.png)" in summary
+    assert "No pipeline benchmark registered yet." in summary.split("## bare")[1]
+    assert (out / "quickplug" / "pipe" / "results.md").is_file()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from accord.config import BenchmarkConfig, ConfigError, load_config, save_resolved, validate_config
+from accord.config import ConfigError, load_config
 from accord.plugins import get_host
 from accord.registry import ComponentNotFoundError, PluginNotInstalledError
 
@@ -100,15 +101,20 @@ def run_command(
         cfg = load_config(config, overrides or [])
     except ConfigError as exc:
         _fail(exc.lines)
-    task = _resolve("task", f"{cfg.plugin}.{cfg.task}")
-    save_resolved(cfg, cfg.run_dir)
-    result = _call_task(task, cfg)
+    from accord.runs import run_task  # imports torch: not needed by the other commands
+
+    _resolve("task", f"{cfg.plugin}.{cfg.task}")
+    result = _call_task(run_task, cfg)
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
-def _call_task(task: Any, cfg: Any) -> dict[str, Any]:
+T = TypeVar("T")
+
+
+def _call_task(run: Callable[[Any], T], cfg: Any) -> T:
+    """``run(cfg)`` with data and config errors reported as one line each, without a traceback."""
     try:
-        return task.obj(cfg)
+        return run(cfg)
     except ConfigError as exc:
         _fail(exc.lines)
     except (FileNotFoundError, ValueError) as exc:
@@ -133,10 +139,16 @@ def _dataset_component(plugin: str, name: Optional[str]) -> Any:
 @data_app.command("synth")
 def data_synth(
     plugin: str = typer.Argument(..., help="plugin whose sample dataset to write"),
-    out_dir: Path = typer.Argument(..., help="output directory"),
+    out_dir: Path = typer.Argument(..., help="output directory: new or empty (else see --overwrite)"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="dataset format, if the plugin has several"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="write into a non-empty out_dir, replacing files of the same name (others stay)"
+    ),
 ) -> None:
     """Write a small sample dataset in the plugin's exact on-disk format.
+
+    Refuses an out_dir that is a file, or a directory that already holds files unless --overwrite:
+    the sample would silently replace a dataset's index files (dataset.json, tables).
 
     Examples:
 
@@ -145,7 +157,14 @@ def data_synth(
         accord data synth medssl data/msd_phantoms
     """
     comp = _dataset_component(plugin, dataset)
-    root = comp.extra["synth"](out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        _fail(f"{out_dir}: exists and is not a directory; the sample dataset needs a new or empty directory")
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        _fail(f"{out_dir}: directory is not empty; choose a new or empty one, or pass --overwrite to write into it")
+    try:
+        root = comp.extra["synth"](out_dir)
+    except OSError as exc:  # unwritable place, a file where a folder goes, disk full: the user's to fix
+        _fail(f"{exc.filename or out_dir}: cannot write the sample dataset ({exc.strerror or exc})")
     typer.echo(f"wrote {comp.qualname} sample dataset to {root}")
 
 
@@ -154,6 +173,9 @@ def data_check(
     plugin: str = typer.Argument(..., help="plugin whose format to check against"),
     root: Path = typer.Argument(..., help="dataset root directory"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="dataset format, if the plugin has several"),
+    options: List[str] = typer.Argument(
+        None, help="what the data must serve, as key=value for the plugin's check (e.g. version=v1.0-trainval)"
+    ),
 ) -> None:
     """Validate a dataset on disk: one line per problem, exit code 1 if any.
 
@@ -162,9 +184,19 @@ def data_check(
         accord data check core data/toy
 
         accord data check medssl /data/Task09_Spleen
+
+        accord data check superflow /data/nuscenes version=v1.0-trainval 'splits=[train, val]'
     """
+    from accord.config import apply_overrides
+
     comp = _dataset_component(plugin, dataset)
-    problems = comp.extra["check"](root)
+    try:
+        kwargs = apply_overrides({}, options or [], source="accord data check")
+        problems = comp.extra["check"](root, **kwargs)
+    except ConfigError as exc:
+        _fail(exc.lines)
+    except TypeError as exc:  # an option the plugin's check does not take
+        _fail(f"accord data check {plugin}: {exc}")
     for problem in problems:
         typer.echo(str(problem))
     if problems:
@@ -175,32 +207,69 @@ def data_check(
 
 @app.command("benchmark", context_settings={"ignore_unknown_options": True})
 def benchmark_command(
-    plugin: str = typer.Argument(..., help="plugin to benchmark (e.g. engine, core, medssl)"),
+    plugin: str = typer.Argument(..., help="plugin to benchmark (e.g. core, medssl, superflow, engine)"),
     data: Optional[Path] = typer.Option(None, "--data", help="dataset root (default: generated sample data)"),
     quick: bool = typer.Option(False, "--quick", help="a few-minute version for demos"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output directory (default runs/benchmark-PLUGIN)"),
+    speed: bool = typer.Option(
+        False, "--speed", help="a speed benchmark, named as the first argument; without a name, list them"
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="output directory (default runs/benchmark-PLUGIN, speed: runs/benchmark-PLUGIN-NAME)"
+    ),
     options: List[str] = typer.Argument(
-        None, help="extra options for the benchmark config: dotted key=value, or --key value / --key=value"
+        None,
+        help="[NAME] (needed only where a plugin has several benchmarks of the kind), then options for the "
+        "benchmark config: dotted key=value, or --key value / --key=value",
     ),
 ) -> None:
-    """Run a plugin's benchmark task and print its results table.
+    """Run a plugin's pipeline benchmark (or a speed benchmark) and print its result tables.
+
+    The pipeline benchmark compares the plugin's pretraining with random initialisation on a
+    downstream task; --speed runs a throughput or memory measurement. Results go to OUT/results.md
+    and OUT/results.json, with the command line that reproduces them.
 
     Examples:
-
-        accord benchmark engine
 
         accord benchmark core --quick
 
         accord benchmark medssl --method alice --data /data/Task09_Spleen
 
         accord benchmark medssl --quick alice_steps=300 'seeds=[0,1,2]'
+
+        accord benchmark medssl --speed
+
+        accord benchmark engine --speed tiled_infonce --quick
     """
+    from accord.benchmarking import benchmark_config, benchmarks_of, find_benchmark, run_benchmark
+
+    items = list(options or [])
+    # A leading word that is neither a flag nor key=value names the benchmark.
+    name = items.pop(0) if items and not items[0].startswith("-") and "=" not in items[0] else None
+    kind = "speed" if speed else "pipeline"
     try:
-        overrides = flags_as_overrides(options or [])
-    except ValueError as exc:
+        if speed and name is None:
+            _list_speed_benchmarks(plugin, benchmarks_of(plugin, "speed"))
+            return
+        component = find_benchmark(plugin, name, kind)
+        cfg = benchmark_config(component, data=data, quick=quick, out=out, options=flags_as_overrides(items))
+    except ConfigError as exc:
+        _fail(exc.lines)
+    except (PluginNotInstalledError, ComponentNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    result = run_benchmark(plugin, data=data, quick=quick, out=out, options=overrides)
-    typer.echo(result.get("markdown", json.dumps(result, indent=2, default=str)))
+    result = _call_task(partial(run_benchmark, component), cfg)
+    typer.echo(result.markdown())
+
+
+def _list_speed_benchmarks(plugin: str, components: list[Any]) -> None:
+    if not components:
+        typer.echo(f"plugin {plugin!r} registers no speed benchmark")
+        return
+    table = Table(title=f"speed benchmarks of {plugin}: accord benchmark {plugin} --speed NAME [--quick]")
+    table.add_column("name")
+    table.add_column("description")
+    for component in components:
+        table.add_row(component.name, component.description)
+    console.print(table)
 
 
 def flags_as_overrides(items: list[str]) -> list[str]:
@@ -230,31 +299,6 @@ def flags_as_overrides(items: list[str]) -> list[str]:
     return overrides
 
 
-def run_benchmark(
-    plugin: str, data: Path | None, quick: bool, out: Path | None, options: list[str]
-) -> dict[str, Any]:
-    """Validate a benchmark config built from CLI options and run the plugin's benchmark task."""
-    from accord.config import apply_overrides
-
-    _require_plugin(plugin)
-    task = _resolve("task", f"{plugin}.benchmark")
-    raw: dict[str, Any] = {
-        "plugin": plugin,
-        "task": "benchmark",
-        "run_dir": str(out or Path("runs") / f"benchmark-{plugin}"),
-        "quick": quick,
-    }
-    if data is not None:
-        raw["data"] = str(data)
-    model = task.extra["config"]
-    try:
-        cfg = validate_config(model, apply_overrides(raw, options), source="accord benchmark")
-    except ConfigError as exc:
-        _fail(exc.lines)
-    save_resolved(cfg, cfg.run_dir)
-    return _call_task(task, cfg)
-
-
 @app.command("export")
 def export_command(
     checkpoint: Path = typer.Argument(..., help="training checkpoint (.pt) written by accord"),
@@ -275,7 +319,8 @@ def export_command(
     try:
         written = exporter.obj(checkpoint, out)
     except (ValueError, KeyError) as exc:
-        _fail(f"{checkpoint}: {exc}")
+        message = str(exc)
+        _fail(message if message.startswith(str(checkpoint)) else f"{checkpoint}: {message}")
     typer.echo(f"wrote {written}")
 
 
@@ -306,7 +351,7 @@ def demo_command(
     plugin: List[str] = typer.Option(None, "--plugin", help="plugins to demo (repeatable); default: all installed"),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="output directory"),
 ) -> None:
-    """Run each plugin's quick benchmark on generated data and write OUT/summary.md.
+    """Run each plugin's quick pipeline benchmark on generated data and write OUT/summary.md.
 
     Examples:
 
@@ -316,22 +361,28 @@ def demo_command(
     """
     from accord.demo import run_demo
 
-    host = get_host()
     requested = [p for p in (plugin or []) if p]
     for name in requested:
         _require_plugin(name)
-    # The core pipeline always runs (it shows the engine end to end in seconds); the engine
-    # micro-benchmark measures kernels, not a pipeline, so the demo leaves it out.
-    installed = [r["name"] for r in host.describe() if r["name"] != "engine"]
+    # The core pipeline always runs (it shows the engine end to end in seconds); the engine plugin
+    # has speed benchmarks only (kernels, not a pipeline), so the demo leaves it out.
+    installed = [name for name in get_host().plugin_names() if name != "engine"]
     selected = list(dict.fromkeys(["core", *(requested or installed)]))
-    without = [p for p in selected if p not in [t.plugin for t in host.tasks if t.name == "benchmark"]]
-    summary = run_demo([p for p in selected if p not in without], out, without_pipeline=without)
+    summary = _call_task(partial(run_demo, selected), out)
     typer.echo(f"wrote {summary}")
 
 
 def main() -> None:
     """Console-script entry point: loads plugin commands, then runs the app."""
-    get_host().add_commands(app)
+    import pluggy
+
+    try:
+        host = get_host()
+    except pluggy.PluginValidationError as exc:
+        # A plugin written for another accord version: its message says which hook and what to do.
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    host.add_commands(app)
     app()
 
 

@@ -1,44 +1,48 @@
-"""``accord demo``: every selected plugin's quick benchmark, gathered into one summary page."""
+"""``accord demo``: every selected plugin's quick pipeline benchmark, gathered into one summary page."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from rich.console import Console
 
+from accord.benchmarking import benchmark_config, benchmarks_of, run_benchmark
+
 __all__ = ["run_demo"]
 
 
-def run_demo(plugins: list[str], out: Path, without_pipeline: list[str] | None = None) -> Path:
-    """Run ``accord benchmark PLUGIN --quick`` for each plugin and write ``out/summary.md``.
+def run_demo(plugins: list[str], out: Path) -> Path:
+    """Run the quick version of each plugin's pipeline benchmarks and write ``out/summary.md``.
 
     Args:
-        plugins: plugin names, each with a ``benchmark`` task.
-        out: output directory; each plugin writes to ``out/<plugin>/``.
-        without_pipeline: installed plugins that have no ``benchmark`` task yet; the summary
-            lists them so a reader knows they were not skipped silently.
+        plugins: plugin names, in page order; a plugin without a pipeline benchmark is listed as
+            such, so a reader knows it was not skipped silently.
+        out: output directory; each benchmark writes to ``out/<plugin>/<benchmark>/``.
 
     Returns:
-        The path of the summary page (tables and links to each plugin's plots).
-    """
-    from accord.cli import run_benchmark
+        The path of the summary page: per benchmark its tables, notes, command line and wall time
+        (:meth:`~accord.benchmarking.BenchmarkResult.markdown`) and its plots.
 
+    Raises:
+        PluginNotInstalledError: a plugin is not loaded.
+        ValueError: a benchmark's data check failed.
+    """
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
     sections = ["# accord demo", "", f"Plugins: {', '.join(plugins)}", ""]
     for plugin in plugins:
-        console.rule(f"[bold]{plugin}: quick benchmark")
-        start = time.perf_counter()
-        result = run_benchmark(plugin, data=None, quick=True, out=out / plugin, options=[])
-        minutes = (time.perf_counter() - start) / 60
-        sections += [f"## {plugin}", "", f"Ran `accord benchmark {plugin} --quick` in {minutes:.1f} min.", ""]
-        sections += [result.get("markdown", "(no table)"), ""]
-        for plot in result.get("plots", []):
-            rel = Path(plot).resolve().relative_to(out.resolve())
-            sections += [f"![{plugin} {rel.stem}]({rel.as_posix()})", ""]
-    for plugin in without_pipeline or []:
-        sections += [f"## {plugin}", "", "No quick pipeline (`benchmark` task) registered yet.", ""]
+        sections += [f"## {plugin}", ""]
+        pipelines = benchmarks_of(plugin, "pipeline")
+        if not pipelines:
+            sections += ["No pipeline benchmark registered yet.", ""]
+        for component in pipelines:
+            console.rule(f"[bold]{component.qualname}: quick benchmark")
+            cfg = benchmark_config(component, quick=True, out=out / plugin / component.name)
+            result = run_benchmark(component, cfg)
+            sections += [result.markdown(level=3)]
+            for plot in result.plots:
+                rel = Path(plot).resolve().relative_to(out.resolve())
+                sections += [f"![{component.qualname} {rel.stem}]({rel.as_posix()})", ""]
     summary = out / "summary.md"
     summary.write_text("\n".join(sections))
     return summary

@@ -14,18 +14,26 @@ The signatures of the ``register`` callables are:
 
 * tasks: ``register(name, run, *, config, description="")`` where ``run(config) -> dict`` and
   ``config`` is a pydantic model class (subclass of :class:`accord.config.RunConfig`).
-* models: ``register(name, factory, *, description="")``; ``factory(**options) -> nn.Module``.
+* models: ``register(name, factory, *, description="")``; ``factory(run_config, **model_options)
+  -> nn.Module`` rebuilds a trained model (see :func:`accord.runs.load_run`).
 * datasets: ``register(name, *, synth, check, description="")`` where ``synth(out_dir, **options)``
   writes a small sample dataset in the exact on-disk format, and ``check(root) -> list[Problem]``
   validates a user's dataset (see :class:`accord.registry.Problem`).
-* losses / matchers: ``register(name, cls, *, description="")`` with an ``nn.Module`` / matcher
-  class.
+* benchmarks: ``register(name, run, *, config, kind="pipeline", description="")`` where
+  ``run(config) -> BenchmarkResult`` (:mod:`accord.benchmarking`), ``config`` subclasses
+  :class:`accord.config.BenchmarkConfig` and ``kind`` is ``"pipeline"`` or ``"speed"``.
 * config schemas: ``register(name, model)`` with a pydantic model class (``extra="forbid"``).
 * exporters: ``register(format, export, *, description="")`` where
   ``export(checkpoint_path, out_path) -> Path`` writes weights in a foreign format.
 
 Hooks are called with keyword arguments only. A hook implementation may accept a subset of the
 spec's arguments (pluggy semantics).
+
+Registries exist only for what the platform looks up by name: tasks (``accord run``), models (a
+checkpoint names the factory that built it, so ``load_run`` can rebuild the model), datasets,
+config schemas and exporters. Losses and matchers are not registered: a method's losses are fixed by
+its code, not chosen by config, so plugins import them (``from accord.losses import InfoNCELoss``).
+The hooks that used to register them are listed in :data:`REMOVED_HOOKS`.
 """
 
 from __future__ import annotations
@@ -56,14 +64,15 @@ def plugin_info() -> dict[str, str]:
 
 @hookspec
 def register_tasks(register: Callable[..., None]) -> None:
-    """Register runnable tasks (``pretrain``, ``finetune``, ``evaluate``, ``benchmark``, ...).
+    """Register runnable tasks (``pretrain``, ``finetune``, ``evaluate``, ...).
 
     Args:
         register: ``register(name, run, *, config, description="")``. ``run(config)`` receives a
             validated instance of ``config`` (a :class:`accord.config.RunConfig` subclass) and
             returns a JSON-serialisable dict of results. ``accord run CONFIG`` dispatches on the
-            config's ``plugin`` and ``task`` keys; ``accord benchmark PLUGIN`` runs the plugin's
-            ``benchmark`` task.
+            config's ``plugin`` and ``task`` keys (through :func:`accord.runs.run_task`, as
+            benchmarks run their sub-tasks). Benchmarks are not tasks: see
+            :func:`register_benchmarks`.
 
     .. versionadded:: 0.1
     """
@@ -71,11 +80,17 @@ def register_tasks(register: Callable[..., None]) -> None:
 
 @hookspec
 def register_models(register: Callable[..., None]) -> None:
-    """Register model factories.
+    """Register the model factories that rebuild trained models from their run config.
+
+    Every checkpoint names the factory that built its model (``Trainer.for_run(cfg,
+    model_factory="<plugin>.<name>")``), and :func:`accord.runs.load_run` calls it to rebuild the
+    model from the checkpoint alone, then loads the weights.
 
     Args:
-        register: ``register(name, factory, *, description="")``; ``factory(**options)`` returns an
-            ``nn.Module``.
+        register: ``register(name, factory, *, description="")``; ``factory(run_config,
+            **model_options)`` returns the ``nn.Module`` a task trains (architecture only, no
+            weights loaded), from the task's validated config and the ``model_options`` the task
+            passed to ``Trainer.for_run``.
 
     .. versionadded:: 0.1
     """
@@ -88,7 +103,9 @@ def register_datasets(register: Callable[..., None]) -> None:
     Args:
         register: ``register(name, *, synth, check, description="")``. ``synth(out_dir)`` writes a
             small sample dataset in the exact real on-disk format and returns its root;
-            ``check(root)`` returns a list of :class:`accord.registry.Problem` (empty when valid).
+            ``check(root, **options)`` returns a list of :class:`accord.registry.Problem` (empty
+            when valid); ``options`` (from ``accord data check PLUGIN DIR key=value``) name what
+            the data must serve, e.g. a dataset version, and the checker may take none.
             ``accord data synth PLUGIN OUT`` and ``accord data check PLUGIN DIR`` use them.
 
     .. versionadded:: 0.1
@@ -96,25 +113,27 @@ def register_datasets(register: Callable[..., None]) -> None:
 
 
 @hookspec
-def register_losses(register: Callable[..., None]) -> None:
-    """Register loss modules.
+def register_benchmarks(register: Callable[..., None]) -> None:
+    """Register benchmarks: ``accord benchmark PLUGIN [NAME]`` and ``accord benchmark PLUGIN --speed NAME``.
 
     Args:
-        register: ``register(name, cls, *, description="")`` with an ``nn.Module`` subclass.
+        register: ``register(name, run, *, config, kind="pipeline", description="")``.
+            ``run(config)`` receives a validated instance of ``config`` (a
+            :class:`accord.config.BenchmarkConfig` subclass: ``data``, ``quick``, ``seeds`` plus the
+            benchmark's own options) and returns an :class:`accord.benchmarking.BenchmarkResult`
+            (tables, plots, raw rows, paper numbers). The platform times it, records the command
+            line that reproduces it and writes ``results.md`` and ``results.json`` to the config's
+            ``run_dir`` (:func:`accord.benchmarking.run_benchmark`).
 
-    .. versionadded:: 0.1
-    """
+            ``kind="pipeline"``: the plugin's end-to-end comparison (pretrained vs other
+            initialisations on a downstream task), usually
+            :func:`accord.benchmarking.run_pipeline` on a plugin's
+            :class:`~accord.benchmarking.PipelineSpec`; ``accord benchmark PLUGIN`` runs it and
+            ``accord demo`` runs its ``quick`` version. ``kind="speed"``: a measurement of
+            throughput, memory or a component's quality, run by ``accord benchmark PLUGIN --speed
+            NAME`` (``--speed`` alone lists them).
 
-
-@hookspec
-def register_matchers(register: Callable[..., None]) -> None:
-    """Register dense-correspondence matchers.
-
-    Args:
-        register: ``register(name, cls, *, description="")`` with a class whose instances map two
-            views' features and geometry to index pairs and weights.
-
-    .. versionadded:: 0.1
+    .. versionadded:: 0.2
     """
 
 
@@ -153,10 +172,20 @@ def register_commands(cli: "typer.Typer") -> None:
     """
 
 
+#: Hooks that no longer exist -> what a plugin that still implements one should do instead. The
+#: plugin host names them at load time rather than letting pluggy report a bare "unknown hook".
+REMOVED_HOOKS: dict[str, str] = {
+    "register_losses": "losses are no longer looked up by name; import them where the model is "
+    "built (from accord.losses import InfoNCELoss)",
+    "register_matchers": "matchers are no longer looked up by name; import them where the model is "
+    "built (from accord.matchers import CropOverlapMatcher)",
+}
+
+
 def hook_names() -> list[str]:
     """Names of every hook defined in this module, in definition order."""
     return [name for name, obj in globals().items() if callable(obj) and hasattr(obj, "accord_spec")]
 
 
-__all__ = ["PROJECT", "hookimpl", "hookspec", "hook_names"]
+__all__ = ["PROJECT", "REMOVED_HOOKS", "hookimpl", "hookspec", "hook_names"]
 

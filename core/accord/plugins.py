@@ -1,8 +1,9 @@
 """Plugin discovery and the typed facade over the pluggy manager.
 
 Discovery order: external plugins from the ``accord`` entry-point group, then the core built-ins
-(:data:`DEFAULT_PLUGINS`) through the same manager, then ``check_pending()`` so a misspelt hook
-name fails loudly.
+(:data:`DEFAULT_PLUGINS`) through the same manager, then a hook check: a hook accord removed is named
+with what to do instead (:data:`accord.hookspecs.REMOVED_HOOKS`), and ``check_pending()`` makes a
+misspelt hook name fail loudly.
 
 Environment variables:
 
@@ -42,8 +43,7 @@ COMPONENT_HOOKS: dict[str, str] = {
     "register_tasks": "task",
     "register_models": "model",
     "register_datasets": "dataset",
-    "register_losses": "loss",
-    "register_matchers": "matcher",
+    "register_benchmarks": "benchmark",
     "register_config_schemas": "config schema",
     "register_exporters": "exporter",
 }
@@ -75,10 +75,29 @@ class PluginHost:
         for name, module in DEFAULT_PLUGINS:
             if not self.pm.is_blocked(name):
                 self.pm.register(importlib.import_module(module), name=name)
-        self.pm.check_pending()
+        self._check_hooks()
         if os.environ.get(ENV_TRACE):
             self.pm.trace.root.setwriter(sys.stderr.write)
             self.pm.enable_tracing()
+
+    def _check_hooks(self) -> None:
+        """Reject hook implementations that match no spec, naming removed hooks explicitly.
+
+        Raises:
+            pluggy.PluginValidationError: a plugin implements a hook from
+                :data:`accord.hookspecs.REMOVED_HOOKS` (the message says what to do instead), or a
+                hook that never existed (pluggy's ``check_pending``).
+        """
+        for hook_name, instead in hookspecs.REMOVED_HOOKS.items():
+            caller = getattr(self.pm.hook, hook_name, None)
+            for impl in caller.get_hookimpls() if caller else []:
+                raise pluggy.PluginValidationError(
+                    impl.plugin,
+                    f"plugin {impl.plugin_name!r} implements {hook_name}, which accord removed: {instead}. "
+                    f"Delete {hook_name} from the plugin, or run without it: "
+                    f"{ENV_DISABLE}={impl.plugin_name}",
+                )
+        self.pm.check_pending()
 
     def _load_entrypoints(self) -> None:
         only = _env_list(ENV_LOAD)
@@ -149,10 +168,24 @@ class PluginHost:
         registries: dict[str, ComponentRegistry[Any]] = {}
         for hook_name, kind in COMPONENT_HOOKS.items():
             registry: ComponentRegistry[Any] = ComponentRegistry(kind, installed)
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                impl.function(register=_registrar(registry, kind, impl.plugin_name))
+            for plugin_name, caller in self._callers_per_plugin(hook_name):
+                caller(register=_registrar(registry, kind, plugin_name))
             registries[kind] = registry
         return registries
+
+    def _callers_per_plugin(self, hook_name: str) -> list[tuple[str, pluggy.HookCaller]]:
+        """One pluggy hook caller per plugin implementing ``hook_name``, calling only that plugin.
+
+        Calling through pluggy (not ``impl.function``) keeps ``ACCORD_TRACE_PLUGINS`` tracing every call;
+        one caller per plugin lets each call get a ``register`` bound to the plugin it registers for.
+        """
+        hookimpls = getattr(self.pm.hook, hook_name).get_hookimpls()
+        owners = {impl.plugin_name: impl.plugin for impl in hookimpls}
+        plugins = self.pm.get_plugins()
+        return [
+            (name, self.pm.subset_hook_caller(hook_name, remove_plugins=plugins - {plugin}))
+            for name, plugin in owners.items()
+        ]
 
     def registry(self, kind: str) -> ComponentRegistry[Any]:
         if self._registries is None:
@@ -172,12 +205,9 @@ class PluginHost:
         return self.registry("dataset")
 
     @property
-    def losses(self) -> ComponentRegistry[type]:
-        return self.registry("loss")
-
-    @property
-    def matchers(self) -> ComponentRegistry[type]:
-        return self.registry("matcher")
+    def benchmarks(self) -> ComponentRegistry[Callable[..., Any]]:
+        """Pipeline and speed benchmarks (:mod:`accord.benchmarking`); ``extra`` holds ``config`` and ``kind``."""
+        return self.registry("benchmark")
 
     @property
     def config_schemas(self) -> ComponentRegistry[type]:
@@ -201,6 +231,8 @@ def _registrar(registry: ComponentRegistry[Any], kind: str, plugin: str) -> Call
             raise TypeError(f"plugin {plugin!r}: dataset {name!r} needs synth= and check=")
         registry.add(Component(kind, plugin, name, obj, description, extra))
 
+    # ACCORD_TRACE_PLUGINS prints hook arguments; this name shows which plugin each call is for.
+    register.__qualname__ = f"register[{kind} of {plugin}]"
     return register
 
 

@@ -42,7 +42,7 @@ class Component(Generic[T]):
     """A registered component.
 
     Attributes:
-        kind: registry kind (``"task"``, ``"loss"``, ...).
+        kind: registry kind (``"task"``, ``"model"``, ...).
         plugin: name of the plugin that registered it.
         name: the plugin-local name.
         obj: the registered object (callable, class, ...).

@@ -1,19 +1,17 @@
-"""Result tables and plots for benchmarks: mean +- std over seeds, as markdown and a bar chart.
+"""Presentation of benchmark results: markdown tables, mean ± std over seeds, bar charts.
 
-Every plugin's ``benchmark`` task returns :func:`seed_table`'s dict so ``accord demo`` can gather
-the tables and plots into one summary page.
+:mod:`accord.benchmarking` builds every benchmark's tables and plots with these helpers; plugins
+use :func:`markdown_table` for their own run reports.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 import textwrap
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["seed_table", "markdown_table"]
+__all__ = ["markdown_table", "mean_std", "format_mean_std", "bar_chart"]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -23,72 +21,62 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def seed_table(
-    rows: list[dict[str, Any]],
-    out_dir: Path,
-    *,
-    metric: str,
-    series: str,
-    group: str,
-    title: str,
-    scale: float = 100.0,
-) -> dict[str, Any]:
-    """Aggregate per-seed results into mean +- std per (group, series) and plot them.
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of ``values`` (std 0 for a single value).
+
+    Raises:
+        statistics.StatisticsError: ``values`` is empty.
+    """
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def format_mean_std(values: Sequence[float], scale: float = 100.0) -> str:
+    """``"mean ± std"`` of ``values * scale`` with two decimals; ``"n/a"`` for no values."""
+    if not values:
+        return "n/a"
+    mean, std = mean_std([value * scale for value in values])
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def bar_chart(
+    summary: Sequence[dict[str, Any]], path: Path, *, group: str, series: str, ylabel: str, title: str
+) -> Path:
+    """Grouped bar chart with error bars: one group of bars per ``row[group]``, one bar per ``row[series]``.
 
     Args:
-        rows: one dict per run with keys ``metric``, ``series`` (e.g. ``"init"``) and ``group``
-            (e.g. ``"label_fraction"``).
-        out_dir: where ``results.json``, ``results.md`` and ``results.png`` are written.
-        metric: the value to aggregate (e.g. ``"accuracy"``, ``"dice"``).
-        series: bars within a group (e.g. pretrained vs random).
-        group: x-axis groups.
-        title: table/plot title.
-        scale: multiplier for display (100 for percentages).
+        summary: rows with the keys ``group``, ``series``, ``"mean"`` and ``"std"``, one per bar.
+        path: the PNG to write.
+        group: key of the x-axis groups (e.g. ``"label_fraction"``).
+        series: key of the bars within a group (e.g. ``"init"``).
+        ylabel: y-axis label.
+        title: plot title.
 
     Returns:
-        ``{"markdown": str, "plots": [png path], "rows": rows, "summary": [...]}``.
+        ``path``.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    values: dict[tuple[Any, Any], list[float]] = defaultdict(list)
-    for row in rows:
-        values[(row[group], row[series])].append(float(row[metric]) * scale)
-    groups = list(dict.fromkeys(row[group] for row in rows))
-    names = list(dict.fromkeys(row[series] for row in rows))
-    summary = []
-    for g in groups:
-        for s in names:
-            vals = values[(g, s)]
-            std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            summary.append({group: g, series: s, "mean": statistics.fmean(vals), "std": std, "n": len(vals)})
-    table = markdown_table(
-        [group, series, f"{metric} (mean ± std)", "seeds"],
-        [[r[group], r[series], f"{r['mean']:.2f} ± {r['std']:.2f}", r["n"]] for r in summary],
-    )
-    markdown = f"**{title}**\n\n{table}"
-
+    groups = list(dict.fromkeys(row[group] for row in summary))
+    names = list(dict.fromkeys(row[series] for row in summary))
+    bars = {(row[group], row[series]): row for row in summary}
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.8 / max(len(names), 1)
-    for i, s in enumerate(names):
-        stats = [next(r for r in summary if r[group] == g and r[series] == s) for g in groups]
-        ax.bar([x + i * width for x in range(len(groups))], [r["mean"] for r in stats], width,
-               yerr=[r["std"] for r in stats], capsize=3, label=str(s))
+    for i, name in enumerate(names):
+        present = [(x, bars[(g, name)]) for x, g in enumerate(groups) if (g, name) in bars]
+        ax.bar([x + i * width for x, _ in present], [row["mean"] for _, row in present], width,
+               yerr=[row["std"] for _, row in present], capsize=3, label=str(name))
     # Long group names (e.g. "fine-tuning 25% + temporal voting") wrap instead of overlapping.
     labels = [textwrap.fill(str(g), width=16) for g in groups]
     ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(groups))], labels)
     ax.set_xlabel(group)
-    ax.set_ylabel(metric)
-    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.set_title(textwrap.fill(title, width=60), fontsize=10)
     ax.legend()
     fig.tight_layout()
-    plot = out_dir / "results.png"
-    fig.savefig(plot, dpi=120)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-
-    (out_dir / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
-    (out_dir / "results.md").write_text(markdown + "\n")
-    return {"markdown": markdown, "plots": [str(plot)], "rows": rows, "summary": summary}
+    return path

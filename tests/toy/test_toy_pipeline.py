@@ -36,6 +36,33 @@ def test_data_synth_and_check(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "OK" in result.output
 
 
+def _error_line(result) -> str:
+    """The one ``error:`` line of a refused command, unwrapped (rich wraps long paths)."""
+    assert result.exit_code == 2, result.output
+    return result.output.replace("\n", "")
+
+
+def test_data_synth_refuses_to_write_over_existing_data(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "dataset.json").write_text("{}")
+    assert _error_line(_invoke("data", "synth", "core", str(out))) == (
+        f"error: {out}: directory is not empty; choose a new or empty one, or pass --overwrite to write into it")
+    assert (out / "dataset.json").read_text() == "{}" and len(list(out.iterdir())) == 1
+    assert _invoke("data", "synth", "core", str(out), "--overwrite").exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([*CLASSES, "dataset.json"])  # other files stay
+
+
+def test_data_synth_onto_a_file_or_an_unwritable_place_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    assert _error_line(_invoke("data", "synth", "core", str(tmp_path / "file"), "--overwrite")) == (
+        f"error: {tmp_path / 'file'}: exists and is not a directory; the sample dataset needs a new or empty directory")
+    line = _error_line(_invoke("data", "synth", "core", str(tmp_path / "file" / "data")))
+    assert line.startswith(f"error: {tmp_path / 'file' / 'data'}")  # the path that failed, below OUT_DIR
+    assert line.endswith(": cannot write the sample dataset (Not a directory)")
+    assert (tmp_path / "file").read_text() == "x"
+
+
 def test_data_check_reports_each_problem_with_its_file(tmp_path: Path) -> None:
     root = synth_shapes(tmp_path / "bad", per_class=2)
     (root / "circle" / "0000.png").write_bytes(b"not a png")
@@ -124,3 +151,24 @@ def test_schema_lists_task_configs() -> None:
     schema = json.loads(result.output)["task core.pretrain"]
     assert schema["additionalProperties"] is False
     assert "trainer" in schema["properties"]
+
+
+def test_quick_benchmark_through_the_cli(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = _invoke("benchmark", "core", "--quick", "--out", str(out), "--pretrain-steps", "20",
+                     "seeds=[0, 1]", "label_fractions=[1.0]")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "results.json").read_text())
+    assert {(row["init"], row["seed"]) for row in saved["rows"]} == {(i, s) for i in ("random", "pretrained") for s in (0, 1)}
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in saved["rows"])
+    # One SimCLR run per seed, each evaluated through the evaluate task in its own directory.
+    for seed in (0, 1):
+        assert yaml.safe_load((out / "pretrain" / f"seed{seed}" / "config.yaml").read_text())["seed"] == seed
+        evaluate = yaml.safe_load((out / "downstream" / "1.0" / f"pretrained_seed{seed}" / "config.yaml").read_text())
+        assert evaluate["task"] == "evaluate" and evaluate["seed"] == seed
+        assert Path(evaluate["checkpoint"]).parent.parent == out / "pretrain" / f"seed{seed}"
+    markdown = (out / "results.md").read_text()
+    assert "| 1.0 | pretrained |" in markdown and markdown in result.output
+    assert saved["command"] == f"accord benchmark core linear_probe --quick --out {out} 'label_fractions=[1.0]' " \
+                               "pretrain_steps=20 'seeds=[0,1]'"
+    assert (out / "results.png").stat().st_size > 0

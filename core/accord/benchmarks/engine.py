@@ -1,5 +1,6 @@
 """Engine benchmark: dense vs tiled InfoNCE, forward + backward time and peak memory per batch size.
 
+Registered as the ``engine`` plugin's speed benchmark ``tiled_infonce`` (:func:`tiled_infonce`).
 For each batch size ``N`` (``N`` query/key pairs of dimension ``d``, fp32, paired targets, one
 direction) three fresh child processes run ``python -m accord.benchmarks.engine --child ...``:
 
@@ -16,8 +17,8 @@ the baseline's peak: the memory the loss itself needed. Dense runs whose predict
 not run; a child that fails (error, signal, timeout) is reported with its reason.
 
 Example:
-    python -m accord.benchmarks.engine --out benchmark-out          # all sizes (slow)
-    python -m accord.benchmarks.engine --quick                      # N = 4096, 8192
+    accord benchmark engine --speed tiled_infonce --out runs/engine      # all sizes (slow)
+    accord benchmark engine --speed tiled_infonce --quick                # N = 4096, 8192
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from pydantic import Field
 from rich.console import Console
-from rich.table import Table
 
-__all__ = ["DEFAULT_SIZES", "QUICK_SIZES", "run_engine_benchmark", "predicted_dense_bytes"]
+from accord.benchmarking import BenchmarkResult, ResultTable
+from accord.config import BenchmarkConfig
+
+__all__ = ["DEFAULT_SIZES", "QUICK_SIZES", "EngineBenchmarkConfig", "predicted_dense_bytes", "run_engine_benchmark",
+           "table", "tiled_infonce"]
 
 DEFAULT_SIZES = (4096, 8192, 16384, 32768, 65536, 131072, 262144)
 QUICK_SIZES = (4096, 8192)
@@ -107,7 +112,6 @@ def run_engine_benchmark(
     sizes: Sequence[int] | None = None,
     dim: int = 128,
     tile_size: int | None = None,
-    out_dir: str | Path | None = None,
     quick: bool = False,
     dense_memory_cap_bytes: int = DENSE_MEMORY_CAP_BYTES,
     timeout_s: float | None = None,
@@ -120,11 +124,10 @@ def run_engine_benchmark(
         dim: feature dimension.
         tile_size: tile edge of the tiled path; default
             :data:`accord.losses.tiled.DEFAULT_TILE_SIZE`.
-        out_dir: when given, write ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` there.
         quick: only ``N`` in :data:`QUICK_SIZES` (overrides ``sizes``), for demos.
         dense_memory_cap_bytes: skip dense runs predicted (:func:`predicted_dense_bytes`) above this.
         timeout_s: per-child time limit; ``None`` waits.
-        console: where to print progress and the table; a new :class:`rich.console.Console` if ``None``.
+        console: where to print progress; a new :class:`rich.console.Console` if ``None``.
 
     Returns:
         One dict per (``n``, ``path``) with ``status`` (``"ok"``, ``"skipped"``, ``"failed"``),
@@ -169,14 +172,6 @@ def run_engine_benchmark(
                 else:
                     row["reason"] = result["reason"]
             rows.append(row)
-    console.print(_table(rows))
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "benchmark.json").write_text(json.dumps(rows, indent=2))
-        (out / "benchmark.md").write_text(markdown_table(rows))
-        _plot(rows, out / "benchmark.png")
-        console.print(f"wrote {out / 'benchmark.json'}, {out / 'benchmark.md'}, {out / 'benchmark.png'}")
     return rows
 
 
@@ -218,25 +213,15 @@ HEADER = [
 ]  # fmt: skip
 
 
-def _table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title=f"InfoNCE forward+backward, d={rows[0]['dim'] if rows else '-'}, fp32, CPU")
-    for column in HEADER:
-        table.add_column(column, justify="left" if column in ("path", "status") else "right")
+def table(rows: list[dict[str, Any]]) -> ResultTable:
+    """The result rows as one table: per N and path its status, times and memory, and the tiled/dense ratios."""
     ratios = _ratios(rows)
+    lines = []
     for row in rows:
         ratio = ratios.get(row["n"], ("", "")) if row["path"] == "tiled" else ("", "")
-        table.add_row(str(row["n"]), row["path"], *_cells(row), *ratio)
-    return table
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The result rows as a GitHub markdown table (same columns as the printed table)."""
-    ratios = _ratios(rows)
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
-    for row in rows:
-        ratio = ratios.get(row["n"], ("", "")) if row["path"] == "tiled" else ("", "")
-        lines.append("| " + " | ".join([str(row["n"]), row["path"], *_cells(row), *ratio]) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append([str(row["n"]), row["path"], *_cells(row), *ratio])
+    dim = rows[0]["dim"] if rows else "-"
+    return ResultTable(f"InfoNCE forward + backward, dense vs tiled (d={dim}, fp32, CPU)", HEADER, lines)
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -262,30 +247,32 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+class EngineBenchmarkConfig(BenchmarkConfig):
+    """``accord benchmark engine --speed tiled_infonce``: forward+backward time and peak memory, dense vs tiled."""
+
+    sizes: list[int] = Field(list(DEFAULT_SIZES), min_length=1, description="numbers of pairs N (quick: 4096, 8192)")
+    dim: int = Field(128, ge=1, description="feature dimension d")
+
+
+def tiled_infonce(cfg: EngineBenchmarkConfig) -> BenchmarkResult:
+    """The registered speed benchmark: :func:`run_engine_benchmark`, its table and ``results.png``."""
+    rows = run_engine_benchmark(cfg.sizes, dim=cfg.dim, quick=cfg.quick)
+    plot = cfg.run_dir / "results.png"
+    _plot(rows, plot)
+    result_table = table(rows)
+    return BenchmarkResult(result_table.title, [result_table], rows=rows, plots=[plot])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m accord.benchmarks.engine", description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="batch sizes N (pairs)")
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--tile-size", type=int, default=None)
-    parser.add_argument("--out", default=None, help="directory for benchmark.json/.md/.png")
-    parser.add_argument("--quick", action="store_true", help="only N = 4096 and 8192")
-    parser.add_argument("--dense-cap-gib", type=float, default=DENSE_MEMORY_CAP_BYTES / GIB)
-    parser.add_argument("--timeout", type=float, default=None, help="per-child time limit (s)")
-    parser.add_argument("--child", choices=("baseline", "dense", "tiled"), help=argparse.SUPPRESS)
-    parser.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
+    """One child measurement (``--child MODE``), printed as a JSON line for :func:`_run_child`."""
+    parser = argparse.ArgumentParser(prog="python -m accord.benchmarks.engine", description=main.__doc__)
+    parser.add_argument("--child", choices=("baseline", "dense", "tiled"), required=True)
+    parser.add_argument("--sizes", type=int, nargs=1, required=True, help="batch size N (pairs)")
+    parser.add_argument("--dim", type=int, required=True)
+    parser.add_argument("--tile-size", type=int, required=True)
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(_child(args.child, args.sizes[0], args.dim, args.tile_size, args.repeats)))
-        return
-    run_engine_benchmark(
-        args.sizes,
-        dim=args.dim,
-        tile_size=args.tile_size,
-        out_dir=args.out,
-        quick=args.quick,
-        dense_memory_cap_bytes=int(args.dense_cap_gib * GIB),
-        timeout_s=args.timeout,
-    )
+    print(json.dumps(_child(args.child, args.sizes[0], args.dim, args.tile_size, args.repeats)))
 
 
 if __name__ == "__main__":

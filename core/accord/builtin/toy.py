@@ -23,8 +23,6 @@ def register_tasks(register: Callable[..., None]) -> None:
     register("pretrain", tasks.pretrain, config=tasks.PretrainConfig, description="SimCLR pretraining")
     register("finetune", tasks.finetune, config=tasks.FinetuneConfig, description="supervised fine-tuning")
     register("evaluate", tasks.evaluate, config=tasks.EvaluateConfig, description="linear-probe accuracy")
-    register("benchmark", tasks.benchmark, config=tasks.ToyBenchmarkConfig,
-             description="pretrained vs random init, linear probe over label fractions and seeds")
 
 
 @hookimpl
@@ -37,6 +35,15 @@ def register_datasets(register: Callable[..., None]) -> None:
 
 @hookimpl
 def register_models(register: Callable[..., None]) -> None:
-    from accord.toy.model import ConvEncoder
+    from accord.toy import tasks
 
-    register("conv_encoder", ConvEncoder, description="3-block strided CNN, (B,1,H,W) -> (B,D)")
+    register("simclr", tasks.simclr_model, description="SimCLR on the 3-block CNN encoder (pretrain runs)")
+    register("classifier", tasks.classifier_model, description="CNN encoder + linear head (finetune runs)")
+
+
+@hookimpl
+def register_benchmarks(register: Callable[..., None]) -> None:
+    from accord.toy import tasks
+
+    register("linear_probe", tasks.benchmark, config=tasks.ToyBenchmarkConfig,
+             description="SimCLR pretrained vs random init, linear probe over label fractions and seeds")

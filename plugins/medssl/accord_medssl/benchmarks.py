@@ -1,5 +1,11 @@
-"""Benchmarks of the medssl pipeline: data-loader throughput (uncached vs MONAI's disk cache),
-pretraining steps per second with peak memory, and how well anatomy embeddings match anatomy."""
+"""Benchmarks of the medssl plugin (registered in :mod:`accord_medssl.plugin`).
+
+* ``segmentation`` (pipeline, ``accord benchmark medssl``): Alice pretraining vs random
+  initialisation, SwinUNETR fine-tuning over label fractions and seeds (:func:`segmentation`);
+* ``pretraining_speed``, ``loader_throughput``, ``anatomy_matching`` (``accord benchmark medssl
+  --speed NAME``): pretraining steps per second with peak memory, data-loader throughput (uncached
+  vs MONAI's disk cache), and how well anatomy embeddings match anatomy.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch.utils.data import DataLoader, Dataset
 
+from accord.benchmarking import BenchmarkResult, DownstreamRun, Group, PipelineSpec, ResultTable, preset, run_pipeline
+from accord.config import BenchmarkConfig, ParameterFreeze, TrainerConfig
+from accord.runs import run_task
+from accord_medssl.alice import AliceOptions
 from accord_medssl.anatomy import AnatomyEmbeddingModel, AnatomyPretrainingOptions, AnatomySearchIndex
 from accord_medssl.anatomy.evaluation import (
     ACCEPTANCE_CRITERIA,
@@ -26,8 +37,173 @@ from accord_medssl.anatomy.evaluation import (
 from accord_medssl.data.layout import decathlon_items
 from accord_medssl.data.phantom import DEFAULT_SHAPE, synth
 from accord_medssl.data.pipeline import build_dataset
+from accord_medssl.finetune import EvaluateConfig, FinetuneConfig, SplitOptions
+from accord_medssl.models import SwinUNETRBackboneOptions
+from accord_medssl.probe import VoxelProbeOptions
+from accord_medssl.tasks import ALICE_PROTOTYPES, PretrainConfig
+from accord_medssl.views import AnatomyViewOptions, AnatomyViewPairs, MiningOptions
 
-__all__ = ["anatomy_matching", "loader_throughput", "pretraining_speed"]
+__all__ = [
+    "FULL",
+    "QUICK",
+    "AnatomyMatchingConfig",
+    "LoaderThroughputConfig",
+    "MedsslBenchmarkConfig",
+    "PretrainingSpeedConfig",
+    "anatomy_matching",
+    "loader_throughput",
+    "pretraining_speed",
+    "run_anatomy_matching",
+    "run_loader_throughput",
+    "run_pretraining_speed",
+    "segmentation",
+]
+
+
+# --- benchmark ---------------------------------------------------------------------------------
+
+
+class MedsslBenchmarkConfig(BenchmarkConfig):
+    """``accord benchmark medssl [--quick] [--data MSD_DIR] [--method alice]``: the ``segmentation`` benchmark."""
+
+    method: Literal["alice"] = Field("alice", description="the pretraining compared with random initialisation")
+    label_fractions: list[float] = Field([0.1, 1.0], min_length=1, description="shares of the train cases with labels")
+    anatomy_steps: int | None = Field(None, ge=1, description="anatomy-embedding steps (None: the variant's)")
+    alice_steps: int | None = Field(None, ge=1, description="Alice pretraining steps (None: the variant's)")
+    finetune_steps: int | None = Field(
+        None, ge=1, description="steps per fine-tuning run, validated every quarter (None: the variant's)"
+    )
+
+    def trainers(self, scale: _Scale) -> tuple[TrainerConfig, TrainerConfig, TrainerConfig]:
+        """The anatomy, Alice and fine-tuning trainers of ``scale`` with the step overrides applied."""
+
+        def with_steps(trainer: TrainerConfig, steps: int | None, validations: int | None = None) -> TrainerConfig:
+            if steps is None:
+                return trainer
+            every = max(steps // (validations or 1), 1)
+            cadence = "validate_every" if validations else "checkpoint_every"
+            return trainer.model_copy(update={"max_steps": steps, cadence: every,
+                                              "log_every": min(trainer.log_every, every),
+                                              "warmup_steps": min(trainer.warmup_steps, steps - 1)})
+
+        return (with_steps(scale.anatomy_trainer, self.anatomy_steps), with_steps(scale.alice_trainer, self.alice_steps),
+                with_steps(scale.finetune_trainer, self.finetune_steps, validations=4))
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """Sizes of one benchmark variant."""
+
+    phantoms: dict[str, Any]
+    crop_size: tuple[int, int, int]
+    backbone: SwinUNETRBackboneOptions
+    alice: dict[str, Any]
+    anatomy_embedding: AnatomyPretrainingOptions
+    anatomy_trainer: TrainerConfig
+    alice_trainer: TrainerConfig
+    finetune_trainer: TrainerConfig
+    split: SplitOptions
+    anatomy_probe: VoxelProbeOptions | None
+    alice_probe: VoxelProbeOptions | None
+
+
+#: Minutes on two CPU cores: 32^3 crops of 48 x 48 x 32 phantoms, the smallest SwinUNETR.
+QUICK = _Scale(
+    phantoms={"num_train": 10, "num_test": 0, "shape": (48, 48, 32)},
+    crop_size=(32, 32, 32),
+    backbone=SwinUNETRBackboneOptions(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4, norm_name="batch"),
+    alice={"out_dim": 64, "head_hidden_dim": 128, "head_bottleneck_dim": 32, "casa_hidden_dim": 128, "casa_num_heads": 4,
+           "teacher_temperature_warmup_steps": 10},
+    anatomy_embedding=AnatomyPretrainingOptions(model={"widths": (8, 16, 32), "fpn_dim": 16, "global_dim": 32, "local_dim": 32}),
+    anatomy_trainer=TrainerConfig(max_steps=200, batch_size=2, lr=1e-3, warmup_steps=5, checkpoint_every=40, log_every=10),
+    # Prototypes frozen for one epoch of the 10 phantoms (5 steps), not the full-size 31 of 20 steps.
+    alice_trainer=TrainerConfig(max_steps=20, batch_size=2, lr=5e-4, warmup_steps=5, grad_clip_norm=3.0, ema_momentum=0.99,
+                                freeze_parameters=ParameterFreeze(pattern=ALICE_PROTOTYPES, steps=5),
+                                checkpoint_every=20, log_every=10),
+    finetune_trainer=TrainerConfig(max_steps=50, batch_size=1, lr=1e-3, warmup_steps=5, validate_every=25, keep_last=1, log_every=25),
+    split=SplitOptions(validation_fraction=0.2, test_fraction=0.3),
+    anatomy_probe=VoxelProbeOptions(every=50),
+    alice_probe=VoxelProbeOptions(every=10),
+)
+#: The paper's crop size and MONAI's default SwinUNETR on full-size phantoms: a GPU run.
+FULL = _Scale(
+    phantoms={"num_train": 20, "num_test": 0},
+    crop_size=(64, 64, 64),
+    backbone=SwinUNETRBackboneOptions(),
+    alice={},
+    anatomy_embedding=AnatomyPretrainingOptions(),
+    anatomy_trainer=TrainerConfig(max_steps=2000, batch_size=4, lr=1e-3, warmup_steps=50, checkpoint_every=500),
+    alice_trainer=TrainerConfig(max_steps=2000, batch_size=2, lr=1e-4, min_lr=1e-6, weight_decay=0.04, warmup_steps=50,
+                                grad_clip_norm=3.0, checkpoint_every=500),
+    finetune_trainer=TrainerConfig(max_steps=1000, batch_size=1, lr=1e-4, weight_decay=1e-5, warmup_steps=20,
+                                   validate_every=100, checkpoint_every=250, keep_last=1),
+    split=SplitOptions(),
+    anatomy_probe=VoxelProbeOptions(every=250),
+    alice_probe=VoxelProbeOptions(every=250),
+)
+
+
+#: The Alice abstract (arXiv 2302.05615 v1); the per-organ tables are not reproduced.
+PAPER = ResultTable(
+    "Paper (Alice, arXiv 2302.05615 v1): Dice over the previous best self-supervised method "
+    "(nnFormer backbone, FLARE22 pretraining on 2,000 unlabelled CTs)",
+    ["dataset", "Dice gain (%)"],
+    [["FLARE 2022", "+2.11"], ["BTCV", "+1.77"]],
+)
+
+
+def segmentation(cfg: MedsslBenchmarkConfig) -> BenchmarkResult:
+    """Alice pretraining vs random initialisation, fine-tuned on each label fraction over seeds.
+
+    Pretraining is the anatomy-embedding stage, then Alice mining with it; then per label
+    fraction, initialisation and seed a fine-tuning run (best validation weights) scored on the
+    test cases by ``evaluate`` (``downstream/<fraction>/<init>_seed<s>/``). Without ``data`` it
+    synthesises phantoms; ``quick`` shrinks everything to a few minutes on CPU.
+
+    The quick run pretrains once per seed (``pretrain/seed<s>/``): both stages take about 25 s of
+    its 1.5-2 minutes on two idle cores. The full variant pretrains once (``pretrain/``): each
+    pretraining is 4,000 GPU steps, and every seed's fine-tuning starts from the same checkpoint.
+    """
+    scale = QUICK if cfg.quick else FULL
+    anatomy_trainer, alice_trainer, finetune_trainer = cfg.trainers(scale)
+    cache_dir = cfg.run_dir / "cache"
+
+    def pretrain(data: Path, run_dir: Path, seed: int) -> Path:
+        stage = {"plugin": cfg.plugin, "task": "pretrain", "data": data, "cache_dir": cache_dir, "seed": seed,
+                 "crop_size": scale.crop_size}
+        anatomy = run_task(PretrainConfig(**stage, run_dir=run_dir / "anatomy_embedding", method="anatomy_embedding",
+                                          anatomy_embedding=scale.anatomy_embedding, trainer=anatomy_trainer,
+                                          probe=scale.anatomy_probe))
+        alice = run_task(PretrainConfig(**stage, run_dir=run_dir / "alice", method="alice",
+                                        alice=AliceOptions(backbone=scale.backbone, **scale.alice),
+                                        mining=MiningOptions(anatomy_checkpoint=anatomy["checkpoint"]),
+                                        trainer=alice_trainer, probe=scale.alice_probe))
+        return Path(alice["checkpoint"])
+
+    def finetune_and_evaluate(run: DownstreamRun) -> dict[str, Any]:
+        shared = {"plugin": cfg.plugin, "data": run.data, "cache_dir": cache_dir, "seed": run.seed}
+        tuned = run_task(FinetuneConfig(**shared, task="finetune", run_dir=run.run_dir, checkpoint=run.checkpoint,
+                                        backbone=scale.backbone, label_fraction=run.group.label, split=scale.split,
+                                        crop_size=scale.crop_size, trainer=finetune_trainer))
+        scores = run_task(EvaluateConfig(**shared, task="evaluate", run_dir=run.run_dir / "evaluate",
+                                         checkpoint=tuned["weights"]))
+        return {"dice": scores["dice"], "dice_per_class": scores["dice_per_class"], "best_step": tuned["best_step"],
+                "labelled_cases": tuned["labelled_cases"]}
+
+    return run_pipeline(cfg, PipelineSpec(
+        title=f"medssl: {cfg.method} pretraining vs random initialisation, SwinUNETR segmentation",
+        dataset="medssl.msd", synth_options={"seed": cfg.seed, **scale.phantoms},
+        pretrain=pretrain, downstream=finetune_and_evaluate,
+        groups=lambda data: [Group(fraction) for fraction in cfg.label_fractions],
+        metric="dice", metric_title="mean test Dice (%)", inits=("random", cfg.method), pretrained_init=cfg.method,
+        seed_independent_pretraining=not cfg.quick, per_class_key="dice_per_class",
+        per_class_title="Per-class test Dice (%), mean ± std over seeds", paper=PAPER,
+    ))
+
+
+# --- speed benchmarks -----------------------------------------------------------------------------
+
+
 
 
 def _epoch_seconds(dataset: Dataset, num_workers: int) -> float:
@@ -124,9 +300,7 @@ def pretraining_speed(
         peak allocated by torch, on the CPU the peak resident size of the whole process (run it in
         a fresh process), ``device``.
     """
-    from accord.config import TrainerConfig
     from accord.training.progress import read_metrics
-    from accord_medssl.tasks import PretrainConfig, pretrain
 
     if steps <= warmup_steps:
         raise ValueError(f"steps ({steps}) must exceed warmup_steps ({warmup_steps})")
@@ -138,13 +312,13 @@ def pretraining_speed(
         shared = {"plugin": "medssl", "task": "pretrain", "data": data, "cache_dir": scratch_dir / "cache", "crop_size": crop}
         timed = {"method": method, "run_dir": scratch_dir / method, "trainer": trainer, method: options or {}}
         if method == "alice":
-            anatomy = pretrain(PretrainConfig(**shared, method="anatomy_embedding", run_dir=scratch_dir / "anatomy",
+            anatomy = run_task(PretrainConfig(**shared, method="anatomy_embedding", run_dir=scratch_dir / "anatomy",
                                               trainer=trainer.model_copy(update={"max_steps": 1, "checkpoint_every": 1})))
             timed["mining"] = {"anatomy_checkpoint": anatomy["checkpoint"]}
         cuda = torch.cuda.is_available() and device != "cpu"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        pretrain(PretrainConfig(**shared, **timed))
+        run_task(PretrainConfig(**shared, **timed))
         records = read_metrics(scratch_dir / method / "metrics.jsonl")[warmup_steps:]
     seconds = sum(batch_size / record["samples_per_s"] for record in records)
     if cuda:
@@ -253,17 +427,15 @@ def _train_embedding(
     """The quick benchmark's anatomy stage (its crops, augmentation and trainer) for ``steps`` steps."""
     from accord.training import Trainer
     from accord_medssl.anatomy import AnatomyEmbeddingPretraining
-    from accord_medssl.tasks import QUICK
-    from accord_medssl.views import AnatomyViewOptions, AnatomyViewPairs
 
     trainer = QUICK.anatomy_trainer.model_copy(
-        update={"max_steps": steps, "checkpoint_every": steps, "log_every": steps, "seed": seed,
+        update={"max_steps": steps, "checkpoint_every": steps, "log_every": steps,
                 "warmup_steps": min(QUICK.anatomy_trainer.warmup_steps, steps - 1)}
     )
     torch.manual_seed(seed)
     module = AnatomyEmbeddingPretraining(options)
     dataset = AnatomyViewPairs([{"image": volume} for volume in volumes], QUICK.crop_size, AnatomyViewOptions())
-    Trainer(trainer, run_dir).fit(module, dataset)
+    Trainer(trainer, run_dir, seed=seed).fit(module, dataset)
     return module.model
 
 
@@ -300,8 +472,7 @@ def anatomy_matching(
     num_points: int = 256,
     threshold: float = 0.7,
     seed: int = 0,
-    verbose: bool = True,
-) -> dict[str, Any]:
+) -> BenchmarkResult:
     """How well anatomy embeddings find corresponding points, trained at the quick benchmark's scale.
 
     Each variant's embedding network is trained like the quick benchmark's anatomy stage (32^3 crops,
@@ -323,18 +494,14 @@ def anatomy_matching(
         num_points: query points per pair, balanced over labels.
         threshold: the miner's acceptance threshold.
         seed: seed of the data, the networks and the query points.
-        verbose: print the table.
 
     Returns:
         ``rows`` (one dict per dataset, pair kind and variant: :meth:`MatchOutcomes.summary` plus
-        ``dataset``, ``pairs``, ``variant`` and ``train_seconds``), ``markdown`` (the table) and
-        ``criteria_markdown`` (a second table: per acceptance criterion of
-        :data:`~accord_medssl.anatomy.evaluation.ACCEPTANCE_CRITERIA`, its hit-vs-miss AUC and the
-        hit rate and error among the most confident half and quarter of the points).
+        ``dataset``, ``pairs``, ``variant`` and ``train_seconds``) and two tables: hit rates, scores
+        and errors per row, and per acceptance criterion of
+        :data:`~accord_medssl.anatomy.evaluation.ACCEPTANCE_CRITERIA` its hit-vs-miss AUC and the
+        hit rate and error among the most confident half and quarter of the points.
     """
-    from accord.report import markdown_table
-    from accord_medssl.tasks import QUICK
-
     if variants is None:
         variants = {"untrained": None, "trained": QUICK.anatomy_embedding}
     steps = QUICK.anatomy_trainer.max_steps if steps is None else steps
@@ -373,7 +540,6 @@ def anatomy_matching(
          f"{row['error_mm_mean']:.1f} ({row['error_mm_p50']:.1f})" if "error_mm_mean" in row else "-"]
         for row in rows
     ]
-    markdown = markdown_table(header, lines)
     criteria_header = ["dataset", "pairs", "variant", "criterion", "hit-vs-miss AUC",
                        "hit % (error mm) in top half", "hit % (error mm) in top quarter"]
 
@@ -388,7 +554,71 @@ def anatomy_matching(
         for row in rows
         for criterion in ACCEPTANCE_CRITERIA
     ]
-    criteria_markdown = markdown_table(criteria_header, criteria_lines)
-    if verbose:
-        print(markdown, criteria_markdown, sep="\n\n")
-    return {"rows": rows, "markdown": markdown, "criteria_markdown": criteria_markdown}
+    return BenchmarkResult(
+        f"medssl: anatomy matching of embeddings trained {steps} steps at the quick scale ({', '.join(datasets)})",
+        [ResultTable("Matching", header, lines), ResultTable("Acceptance criteria", criteria_header, criteria_lines)],
+        rows=rows,
+    )
+
+
+# --- registered speed benchmarks: configs and runs ------------------------------------------------
+
+
+class PretrainingSpeedConfig(BenchmarkConfig):
+    """``accord benchmark medssl --speed pretraining_speed``: :func:`pretraining_speed`."""
+
+    method: Literal["alice", "anatomy_embedding"] = Field("alice", description="the pretraining stage to time")
+    crop_size: int = Field(64, ge=8, description="edge of the cubic views (alice: a multiple of 32; quick: 32)")
+    batch_size: int = Field(2, ge=1, description="view pairs per step")
+    steps: int = Field(6, ge=2, description="steps run, timed ones included (quick: 3)")
+    warmup_steps: int = Field(2, ge=0, description="leading steps left out of the rate (quick: 1)")
+    num_cases: int = Field(4, ge=1, description="phantoms to cut the views from")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+def run_pretraining_speed(cfg: PretrainingSpeedConfig) -> BenchmarkResult:
+    """The reference sizes (SwinUNETR feature size 48, 512 prototypes); quick: the quick pipeline's networks."""
+    quick_options = ({"backbone": QUICK.backbone.model_dump(), **QUICK.alice} if cfg.method == "alice"
+                     else QUICK.anatomy_embedding.model_dump())
+    crop_size = preset(cfg, "crop_size", QUICK.crop_size[0])
+    values = pretraining_speed(cfg.method, crop_size=crop_size, batch_size=cfg.batch_size,
+                               steps=preset(cfg, "steps", 3), warmup_steps=preset(cfg, "warmup_steps", 1),
+                               options=quick_options if cfg.quick else None, num_cases=cfg.num_cases,
+                               device=cfg.device)
+    return BenchmarkResult.measured(f"medssl: {cfg.method} pretraining speed, batch {cfg.batch_size} of {crop_size}^3",
+                                    values)
+
+
+class LoaderThroughputConfig(BenchmarkConfig):
+    """``accord benchmark medssl --speed loader_throughput [--data MSD_DIR]``: :func:`loader_throughput`."""
+
+    spacing: tuple[float, float, float] | None = Field(
+        None, description="resample to this voxel size (mm); None: native"
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    num_cases: int = Field(8, ge=1, description="phantoms synthesised without --data (quick: 4 of 48 x 48 x 32)")
+
+
+def run_loader_throughput(cfg: LoaderThroughputConfig) -> BenchmarkResult:
+    """Uncached, cold and warm disk-cache passes over ``--data`` or synthesised phantoms."""
+    values = loader_throughput(cfg.data, spacing=cfg.spacing, num_workers=cfg.num_workers,
+                               num_cases=preset(cfg, "num_cases", 4),
+                               shape=QUICK.phantoms["shape"] if cfg.quick else DEFAULT_SHAPE)
+    return BenchmarkResult.measured("medssl: data-loader throughput, uncached vs MONAI disk cache", values)
+
+
+class AnatomyMatchingConfig(BenchmarkConfig):
+    """``accord benchmark medssl --speed anatomy_matching``: :func:`anatomy_matching` (untrained vs trained)."""
+
+    datasets: list[Literal["phantoms", "mni152"]] = Field(
+        ["phantoms", "mni152"], min_length=1, description="matching sets (quick: phantoms); mni152 needs nilearn"
+    )
+    steps: int | None = Field(None, ge=1, description="training steps; None: the quick pipeline's (quick: 30)")
+    num_points: int = Field(256, ge=1, description="query points per pair (quick: 64)")
+    threshold: float = Field(0.7, gt=-1, lt=1, description="the miner's acceptance threshold")
+
+
+def run_anatomy_matching(cfg: AnatomyMatchingConfig) -> BenchmarkResult:
+    """About 10 minutes on two cores for both sets; quick: phantoms only, 30 steps."""
+    return anatomy_matching(datasets=preset(cfg, "datasets", ["phantoms"]), steps=preset(cfg, "steps", 30),
+                            num_points=preset(cfg, "num_points", 64), threshold=cfg.threshold, seed=cfg.seed)

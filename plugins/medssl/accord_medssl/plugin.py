@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from accord import hookimpl
 from accord.registry import Problem
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 def synth_msd(out_dir: str | Path, **options) -> Path:
@@ -29,27 +25,6 @@ def check_msd(root: str | Path) -> list[Problem]:
     from accord_medssl.data import check
 
     return check(root)
-
-
-def alice_model(**options) -> nn.Module:
-    """Model ``medssl.alice``: :class:`~accord_medssl.alice.AliceModel` from :class:`AliceOptions` fields."""
-    from accord_medssl.alice import AliceModel, AliceOptions
-
-    return AliceModel(AliceOptions(**options))
-
-
-def anatomy_embedding_model(**options) -> nn.Module:
-    """Model ``medssl.anatomy_embedding``: the SAM-style embedding network from its option fields."""
-    from accord_medssl.anatomy import AnatomyEmbeddingModel, AnatomyEmbeddingOptions
-
-    return AnatomyEmbeddingModel(AnatomyEmbeddingOptions(**options))
-
-
-def swin_unetr_backbone(**options) -> nn.Module:
-    """Model ``medssl.swin_unetr_backbone``: SwinUNETR exposing pooled/encoder/decoder tokens."""
-    from accord_medssl.models import SwinUNETRBackbone, SwinUNETRBackboneOptions
-
-    return SwinUNETRBackbone(SwinUNETRBackboneOptions(**options))
 
 
 @hookimpl
@@ -81,15 +56,31 @@ def register_tasks(register: Callable[..., None]) -> None:
              description="SwinUNETR segmentation from an Alice checkpoint or scratch, best validation Dice kept")
     register("evaluate", tasks.evaluate, config=tasks.EvaluateConfig,
              description="per-class and mean Dice of fine-tuned weights, sliding-window inference")
-    register("benchmark", tasks.benchmark, config=tasks.MedsslBenchmarkConfig,
-             description="Alice vs random init: test Dice over label fractions and seeds")
+
+
+@hookimpl
+def register_benchmarks(register: Callable[..., None]) -> None:
+    from accord_medssl import benchmarks
+
+    register("segmentation", benchmarks.segmentation, config=benchmarks.MedsslBenchmarkConfig,
+             description="Alice vs random init: SwinUNETR test Dice over label fractions and seeds")
+    register("pretraining_speed", benchmarks.run_pretraining_speed, config=benchmarks.PretrainingSpeedConfig,
+             kind="speed", description="pretraining steps per second and peak memory (alice or anatomy_embedding)")
+    register("loader_throughput", benchmarks.run_loader_throughput, config=benchmarks.LoaderThroughputConfig,
+             kind="speed", description="volumes per second: uncached, MONAI disk cache cold and warm")
+    register("anatomy_matching", benchmarks.run_anatomy_matching, config=benchmarks.AnatomyMatchingConfig,
+             kind="speed", description="anatomy-embedding hit rate and mm error on phantoms and MNI152")
 
 
 @hookimpl
 def register_models(register: Callable[..., None]) -> None:
-    register("alice", alice_model, description="Alice student-teacher on SwinUNETR (trainer contract)")
-    register("anatomy_embedding", anatomy_embedding_model, description="SAM-style global + local voxel embeddings")
-    register("swin_unetr_backbone", swin_unetr_backbone, description="MONAI SwinUNETR with token outputs")
+    from accord_medssl.finetune import segmentation_model
+    from accord_medssl.tasks import pretraining_model
+
+    register("alice", pretraining_model, description="Alice student-teacher on SwinUNETR (pretrain, method alice)")
+    register("anatomy_embedding", pretraining_model,
+             description="SAM-style global + local voxel embeddings (pretrain, method anatomy_embedding)")
+    register("segmentation", segmentation_model, description="SwinUNETR + DiceCE (finetune runs)")
 
 
 @hookimpl

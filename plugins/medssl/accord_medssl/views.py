@@ -43,7 +43,6 @@ from accord_medssl.anatomy import (
 from accord_medssl.data import build_dataset, decathlon_items, nifti_folder_items
 from accord_medssl.data.layout import DATASET_JSON, NIFTI_SUFFIXES, is_msd_root
 from accord_medssl.data.pipeline import CacheMode
-from accord_medssl.export import pretraining_options
 
 __all__ = [
     "AliceViewPairs",
@@ -63,7 +62,8 @@ class VolumeRunConfig(RunConfig):
     data: ExistingPath = Field(description="an MSD dataset (dataset.json) or a folder of NIfTI CTs")
     cache: CacheMode = Field("disk", description="preprocessed-volume cache: disk, memory or none")
     cache_dir: Path | None = Field(
-        None, description="directory of the disk cache (holds pickles: point it only at trusted data); None: <run_dir>/cache"
+        None, description="directory of the disk cache (safetensors, never executed; an entry is rebuilt when its "
+                          "source file changes); None: <run_dir>/cache"
     )
 
     def volumes(
@@ -168,11 +168,18 @@ class MiningOptions(StrictModel):
 
 
 def _checkpoint_embedder(checkpoint: Path) -> Embedder:
-    """The embedder of an ``anatomy_embedding`` run's checkpoint (architecture from its config.yaml)."""
-    options = AnatomyPretrainingOptions.model_validate(pretraining_options(checkpoint, "anatomy_embedding"))
-    module = AnatomyEmbeddingPretraining(options)
-    module.load_state_dict(load_checkpoint(checkpoint)["model"])
-    return model_embedder(module.model)
+    """The embedder of an ``anatomy_embedding`` run's checkpoint, rebuilt from the checkpoint alone.
+
+    Raises:
+        ValueError: a checkpoint of another run or one that does not record its run.
+    """
+    from accord.runs import load_run
+
+    run = load_run(checkpoint)
+    if getattr(run.config, "method", None) != "anatomy_embedding":
+        raise ValueError(f"{checkpoint}: written by a {run.record['plugin']}.{run.record['task']} run of method "
+                         f"{getattr(run.config, 'method', None)!r}, expected an anatomy_embedding pretraining run")
+    return model_embedder(run.model.model)
 
 
 def build_miner(options: MiningOptions, crop_size: Sequence[int]) -> AnatomicalViewMiner:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from accord_medssl.benchmarks import anatomy_matching
-from accord_medssl.tasks import QUICK
+from accord_medssl.benchmarks import QUICK, anatomy_matching
 
 
 def test_a_briefly_trained_embedding_localises_mni152_tissue_better_than_an_untrained_one() -> None:
     torch.set_num_threads(1)
     result = anatomy_matching({"untrained": None, "trained": QUICK.anatomy_embedding}, datasets=("mni152",),
-                              steps=30, num_points=64, verbose=False)
-    rows = {row["variant"]: row for row in result["rows"]}
+                              steps=30, num_points=64)
+    rows = {row["variant"]: row for row in result.rows}
     untrained, trained = rows["untrained"], rows["trained"]
     assert untrained["dataset"] == "mni152" and untrained["points"] > 0
     # Three tissue labels (other brain, grey, white matter) of real data, balanced queries: chance is low.

@@ -1,11 +1,15 @@
-"""The loader-throughput benchmark returns the numbers the docs quote."""
+"""medssl's benchmarks: the segmentation pipeline through the CLI, and the speed benchmarks."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
+from typer.testing import CliRunner
 
+from accord.cli import app
 from accord_medssl.benchmarks import loader_throughput
 
 
@@ -22,3 +26,36 @@ def test_loader_throughput_reports_cold_and_cached_rates(msd_root: Path, phantom
 
 def test_loader_throughput_synthesises_when_no_root_is_given() -> None:
     assert loader_throughput(num_cases=2, shape=(24, 24, 16))["volumes"] == 2
+
+
+def test_segmentation_benchmark_through_the_cli(only_medssl, tmp_path: Path) -> None:
+    """The pipeline on the quick sizes with two steps per stage: the chain and its outputs, not the numbers."""
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["benchmark", "medssl", "--quick", "--out", str(out), "--anatomy-steps", "2",
+                                      "alice_steps=2", "finetune_steps=2", "seeds=[0, 1]", "label_fractions=[1.0]"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "results.json").read_text())
+    assert {(row["init"], row["seed"]) for row in saved["rows"]} == {(i, s) for i in ("random", "alice") for s in (0, 1)}
+    assert all(0.0 <= row["dice"] <= 1.0 and "liver" in row["dice_per_class"] for row in saved["rows"])
+    # The quick run pretrains per seed (anatomy embedding, then Alice mining with it); each seed's
+    # Alice fine-tuning starts from its own.
+    for seed in (0, 1):
+        pretrain = out / "pretrain" / f"seed{seed}"
+        alice = yaml.safe_load((pretrain / "alice" / "config.yaml").read_text())
+        assert alice["seed"] == seed
+        assert Path(alice["mining"]["anatomy_checkpoint"]).parent.parent == pretrain / "anatomy_embedding"
+        tuned = yaml.safe_load((out / "downstream" / "1.0" / f"alice_seed{seed}" / "config.yaml").read_text())
+        assert tuned["seed"] == seed and Path(tuned["checkpoint"]).parent.parent == pretrain / "alice"
+    markdown = (out / "results.md").read_text()
+    assert "| 1.0 | alice |" in markdown and "| label_fraction | init | liver |" in markdown
+    assert "| FLARE 2022 | +2.11 |" in markdown and "Pretrained once" not in markdown
+
+
+def test_speed_benchmarks_list_and_run(only_medssl, tmp_path: Path) -> None:
+    listing = CliRunner().invoke(app, ["benchmark", "medssl", "--speed"])
+    assert all(name in listing.output for name in ("pretraining_speed", "loader_throughput", "anatomy_matching"))
+    result = CliRunner().invoke(app, ["benchmark", "medssl", "--speed", "loader_throughput", "--quick",
+                                      "--out", str(tmp_path), "num_cases=2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["volumes"] == 2
+    assert "| cache_speedup |" in (tmp_path / "results.md").read_text()

@@ -59,8 +59,9 @@ def test_alice_pipeline_through_the_cli(only_medssl, tmp_path: Path) -> None:
 
     # 3 cases: 1 train, 1 validation, 1 test; validation after each of the 2 steps.
     accord("run", CONFIGS / "finetune.yaml", *common, f"run_dir={runs / 'finetune'}", f"checkpoint={alice}",
-           "trainer.max_steps=2", "trainer.warmup_steps=0", "trainer.checkpoint_every=1")
-    assert len((runs / "finetune" / "validation.jsonl").read_text().splitlines()) == 2
+           "trainer.max_steps=2", "trainer.warmup_steps=0", "trainer.validate_every=1")
+    metrics = [json.loads(line) for line in (runs / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in metrics if "val/dice" in record] == [1, 2]
     accord("run", CONFIGS / "evaluate.yaml", f"data={data}", f"cache_dir={runs / 'cache'}",
            f"run_dir={runs / 'evaluate'}", f"checkpoint={runs / 'finetune' / 'best.safetensors'}")
     scores = json.loads((runs / "evaluate" / "results.json").read_text())

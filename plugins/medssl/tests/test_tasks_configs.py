@@ -37,7 +37,7 @@ def test_shipped_configs_validate_and_chain(only_medssl, tmp_path: Path, monkeyp
 
 def test_every_task_config_forbids_unknown_keys(only_medssl, tmp_path: Path) -> None:
     tasks = PluginHost().tasks.by_plugin("medssl")
-    assert sorted(task.name for task in tasks) == ["benchmark", "evaluate", "finetune", "pretrain"]
+    assert sorted(task.name for task in tasks) == ["evaluate", "finetune", "pretrain"]
     for task in tasks:
         raw = {"plugin": "medssl", "task": task.name, "data": str(tmp_path), "checkpoint": str(tmp_path),
                "trainer_steps": 3}
@@ -46,14 +46,14 @@ def test_every_task_config_forbids_unknown_keys(only_medssl, tmp_path: Path) -> 
 
 
 def test_benchmark_step_overrides_rescale_the_variant_trainers() -> None:
-    from accord_medssl.tasks import QUICK, MedsslBenchmarkConfig
+    from accord_medssl.benchmarks import QUICK, MedsslBenchmarkConfig
 
-    plain = MedsslBenchmarkConfig(plugin="medssl", task="benchmark", quick=True)
+    plain = MedsslBenchmarkConfig(plugin="medssl", quick=True)
     assert plain.trainers(QUICK) == (QUICK.anatomy_trainer, QUICK.alice_trainer, QUICK.finetune_trainer)
-    scaled = MedsslBenchmarkConfig(plugin="medssl", task="benchmark", quick=True, alice_steps=300, finetune_steps=3)
+    scaled = MedsslBenchmarkConfig(plugin="medssl", quick=True, alice_steps=300, finetune_steps=3)
     anatomy, alice, finetune = scaled.trainers(QUICK)
     assert anatomy == QUICK.anatomy_trainer
     assert (alice.max_steps, alice.checkpoint_every, alice.lr) == (300, 300, QUICK.alice_trainer.lr)
     assert alice.freeze_parameters == QUICK.alice_trainer.freeze_parameters
     # Validation every quarter of the run; warm-up shorter than the run.
-    assert (finetune.max_steps, finetune.checkpoint_every, finetune.warmup_steps) == (3, 1, 2)
+    assert (finetune.max_steps, finetune.validate_every, finetune.warmup_steps) == (3, 1, 2)

@@ -7,6 +7,8 @@
 * :func:`benchmark_pairing`: the LiDAR -> camera projection chain, points per second.
 
 All return plain dicts of numbers. Without a dataset root a synthetic nuScenes is generated.
+:func:`throughput` runs the three as the speed benchmark ``throughput`` (``accord benchmark
+superflow --speed throughput``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
+from accord.benchmarking import BenchmarkResult, preset
+from accord.config import BenchmarkConfig
+from accord_superflow.downstream_benchmark import QUICK
 from accord_superflow.losses import SuperFlowLossConfig
 from accord_superflow.models.voxelize import cylindrical_voxelize
 from accord_superflow.pretrain import (
@@ -31,7 +37,8 @@ from accord_superflow.pretrain import (
     load_lidar_points,
 )
 
-__all__ = ["benchmark_pretraining", "benchmark_voxelization", "benchmark_pairing", "run_benchmarks"]
+__all__ = ["ThroughputConfig", "benchmark_pretraining", "benchmark_voxelization", "benchmark_pairing", "run_benchmarks",
+           "throughput"]
 
 
 def _device(device: str) -> torch.device:
@@ -184,10 +191,35 @@ def benchmark_pairing(root: str | Path | None = None, *, version: str = "v1.0-mi
             "points_per_cloud": len(points)}
 
 
-def run_benchmarks(root: str | Path | None = None, **pretraining_options: Any) -> dict[str, dict[str, Any]]:
-    """All three benchmarks (``pretraining_options`` go to :func:`benchmark_pretraining`)."""
+def run_benchmarks(root: str | Path | None = None, *, version: str = "v1.0-mini", split: str = "mini_train",
+                   device: str = "auto", **pretraining_options: Any) -> dict[str, dict[str, Any]]:
+    """All three benchmarks on one table version and split (``pretraining_options`` go to
+    :func:`benchmark_pretraining`)."""
     return {
-        "pretraining": benchmark_pretraining(root, **pretraining_options),
-        "voxelization": benchmark_voxelization(),
-        "pairing": benchmark_pairing(root),
+        "pretraining": benchmark_pretraining(root, version=version, split=split, device=device, **pretraining_options),
+        "voxelization": benchmark_voxelization(device=device),
+        "pairing": benchmark_pairing(root, version=version, split=split),
     }
+
+
+class ThroughputConfig(BenchmarkConfig):
+    """``accord benchmark superflow --speed throughput [--data NUSCENES_ROOT]``: :func:`run_benchmarks`."""
+
+    version: str = Field("v1.0-mini", description="table directory of --data")
+    split: str = Field("mini_train", description="split to draw keyframes from")
+    batch_size: int = Field(2, ge=1, description="samples per pretraining step")
+    steps: int = Field(5, ge=1, description="timed pretraining steps (quick: 1)")
+    warmup_steps: int = Field(1, ge=0, description="untimed steps first (quick: 0)")
+    image_size: tuple[int, int] = Field((224, 448), description="teacher input (height, width) (quick: the quick "
+                                                                "pipeline's 28 x 56)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+def throughput(cfg: ThroughputConfig) -> BenchmarkResult:
+    """MinkUNet-34 and a small random ViT at nuScenes density; quick: the quick pipeline's tiny networks."""
+    model = (SuperFlowModelConfig(backbone=QUICK.backbone, teacher=QUICK.teacher, embed_dim=QUICK.embed_dim,
+                                  voxel_size=QUICK.voxel_size) if cfg.quick else SuperFlowModelConfig())
+    values = run_benchmarks(cfg.data, version=cfg.version, split=cfg.split, batch_size=cfg.batch_size,
+                            steps=preset(cfg, "steps", 1), warmup_steps=preset(cfg, "warmup_steps", 0),
+                            image_size=preset(cfg, "image_size", QUICK.image_size), model=model, device=cfg.device)
+    return BenchmarkResult.measured("superflow: pretraining, voxelisation and pairing throughput", values)

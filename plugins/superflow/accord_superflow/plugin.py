@@ -8,12 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from accord import hookimpl
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 @hookimpl
@@ -37,25 +33,32 @@ def register_datasets(register: Callable[..., None]) -> None:
 
 @hookimpl
 def register_tasks(register: Callable[..., None]) -> None:
-    from accord_superflow.tasks import TASKS
+    from accord_superflow import tasks
 
-    for task in TASKS:
-        register(task.name, task.run, config=task.config, description=task.description)
+    # Short descriptions: `accord plugins` shows them in a table; docs/superflow.md has the details.
+    register("pretrain", tasks.pretrain, config=tasks.PretrainConfig, description="SuperFlow pretraining, MinkUNet-34")
+    register("finetune", tasks.finetune, config=tasks.FinetuneConfig, description="lidarseg fine-tuning / linear probe")
+    register("evaluate", tasks.evaluate, config=tasks.EvaluateConfig, description="point mIoU, optional temporal voting")
 
 
-def build_minkunet(**options) -> nn.Module:
-    """``SFMinkUNetBackbone`` from :class:`~accord_superflow.models.BackboneConfig` options (default MinkUNet-34)."""
-    from accord_superflow.models import BackboneConfig
-    from accord_superflow.models.backbone import build_backbone
+@hookimpl
+def register_benchmarks(register: Callable[..., None]) -> None:
+    from accord_superflow import benchmarks, downstream_benchmark
 
-    return build_backbone(BackboneConfig(**options))
+    register("lidarseg", downstream_benchmark.lidarseg, config=downstream_benchmark.SuperFlowBenchmarkConfig,
+             description="SuperFlow vs random init: linear probing and low-label fine-tuning mIoU over seeds")
+    register("throughput", benchmarks.throughput, config=benchmarks.ThroughputConfig, kind="speed",
+             description="pretraining it/s and peak memory, voxelisation and pairing points/s")
 
 
 @hookimpl
 def register_models(register: Callable[..., None]) -> None:
-    register("minkunet34", build_minkunet,
-             description="MinkUNet-34 (mmdet3d MinkUNetBackbone on spconv, padded spatial shape); options: "
-                         "BackboneConfig fields")
+    from accord_superflow.finetune import segmentation_model
+    from accord_superflow.pretrain import superflow_model
+
+    register("superflow", superflow_model,
+             description="MinkUNet-34 student + frozen DINOv2 teacher + SuperFlow losses (pretrain runs)")
+    register("segmentation", segmentation_model, description="MinkUNet-34 + linear head, CE + Lovasz (finetune runs)")
 
 
 def export_mmdet3d(checkpoint: str | Path, out: str | Path) -> Path:

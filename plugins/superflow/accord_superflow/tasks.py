@@ -8,35 +8,33 @@ Registered (``accord run CONFIG`` with ``plugin: superflow``; configs under ``co
   with ``linear_probe: true`` (:mod:`accord_superflow.finetune`);
 * ``evaluate``: point per-class IoU / mIoU of fine-tuned weights by mmdet3d's ``seg_eval``, the
   devkit's ``LidarSegEval`` as a check, optional SuperFlow++-style temporal voting
-  (:mod:`accord_superflow.evaluate`, :mod:`accord_superflow.voting`);
-* ``benchmark`` (``accord benchmark superflow [--quick] [--data DIR]``): pretraining, then linear
-  probing and low-label fine-tuning from SuperFlow vs random init over seeds
-  (:mod:`accord_superflow.downstream_benchmark`); ``accord demo`` runs its ``--quick`` version.
+  (:mod:`accord_superflow.evaluate`, :mod:`accord_superflow.voting`).
+
+The ``lidarseg`` benchmark (``accord benchmark superflow [--quick] [--data DIR]``,
+:mod:`accord_superflow.downstream_benchmark`) chains these tasks: pretraining, then linear probing
+and low-label fine-tuning from SuperFlow vs random init over seeds.
 
 To add a task, write ``run(config) -> dict`` with a :class:`accord.config.RunConfig` subclass (a
-``trainer: TrainerConfig`` section for training, :class:`accord.config.BenchmarkConfig` for
-benchmarks) and append a :class:`TaskSpec` to :data:`TASKS`; ``plugin.register_tasks`` registers
-everything listed there. The ``mmdet3d`` exporter and ``configs/superflow/minkunet34_seg.py`` give
-the mmdet3d segmentor route for pretrained weights.
+``trainer: TrainerConfig`` section for training) and add one ``register(...)`` line to
+``register_tasks`` in :mod:`accord_superflow.plugin`. The ``mmdet3d`` exporter and
+``configs/superflow/minkunet34_seg.py`` give the mmdet3d segmentor route for pretrained weights.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from accord.config import RunConfig, TrainerConfig
-from accord_superflow.downstream_benchmark import SuperFlowBenchmarkConfig, benchmark
 from accord_superflow.evaluate import EvaluateConfig, evaluate
 from accord_superflow.finetune import FinetuneConfig, finetune
 from accord_superflow.losses import SuperFlowLossConfig
 from accord_superflow.pretrain import PretrainDataConfig, SuperFlowModelConfig
+from accord_superflow.probe import PointProbeOptions, point_probe
 
-__all__ = ["EvaluateConfig", "FinetuneConfig", "PretrainConfig", "SuperFlowBenchmarkConfig", "TaskSpec", "TASKS",
-           "benchmark", "evaluate", "finetune", "pretrain"]
+__all__ = ["EvaluateConfig", "FinetuneConfig", "PretrainConfig", "evaluate", "finetune", "pretrain"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +50,8 @@ class PretrainConfig(RunConfig):
     data: PretrainDataConfig
     model: SuperFlowModelConfig = SuperFlowModelConfig()
     loss: SuperFlowLossConfig = SuperFlowLossConfig()
+    probe: PointProbeOptions | None = Field(None, description="online probe: mIoU of a linear point classifier on "
+                                                              "the frozen backbone, every probe.every steps (None: off)")
     trainer: TrainerConfig = _PRETRAIN_TRAINER
 
     @model_validator(mode="after")
@@ -73,47 +73,23 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         ValueError: the dataset check fails (every problem listed), or the image size is not a
             multiple of the teacher's patch size.
     """
-    import torch
-
     from accord.training import Trainer
     from accord_superflow.data import generate_slic_superpixels, require_valid
     from accord_superflow.pretrain import SuperFlowPretrainDataset, build_superflow, collate_pretrain
 
-    require_valid(cfg.data.root)
+    require_valid(cfg.data.root, version=cfg.data.version, splits=[cfg.data.split])
     dataset = SuperFlowPretrainDataset(cfg.data)
     if cfg.data.superpixels == "slic":
         # Computed once up front, so DataLoader workers only read the cache.
         generate_slic_superpixels(cfg.data.root, dataset.index)
-    torch.manual_seed(cfg.seed)
     model = build_superflow(cfg.model, cfg.loss, dataset.groups_per_sample)
     patch = model.teacher.patch_size
     if any(side % patch for side in cfg.data.image_size):
         raise ValueError(f"data.image_size {tuple(cfg.data.image_size)}: both sides must be multiples of the "
                          f"teacher's patch size {patch}")
     log.info("SuperFlow pretraining on %d keyframes of %s/%s", len(dataset), cfg.data.version, cfg.data.split)
-    return Trainer(cfg.trainer, cfg.run_dir).fit(model, dataset, collate_pretrain)
+    trainer = Trainer.for_run(cfg, model_factory="superflow.superflow",
+                              model_options={"groups_per_sample": dataset.groups_per_sample},
+                              callbacks=[] if cfg.probe is None else [point_probe(cfg)])
+    return trainer.fit(model, dataset, collate_pretrain)
 
-
-class TaskSpec(NamedTuple):
-    """One task for ``register_tasks``: ``register(name, run, config=config, description=description)``."""
-
-    name: str
-    run: Callable[[Any], dict[str, Any]]
-    config: type[RunConfig]
-    description: str
-
-
-TASKS: list[TaskSpec] = [
-    TaskSpec("pretrain", pretrain, PretrainConfig,
-             "SuperFlow pretraining: MinkUNet-34 from frozen DINOv2 over superpixels (spatial, dense-to-sparse, "
-             "temporal contrast)"),
-    TaskSpec("finetune", finetune, FinetuneConfig,
-             "LiDAR segmentation (16 nuScenes-lidarseg classes) from a SuperFlow backbone or random init: "
-             "label fractions, CE + 2 x Lovasz, linear_probe with a fully frozen backbone"),
-    TaskSpec("evaluate", evaluate, EvaluateConfig,
-             "per-class IoU / mIoU on points (mmdet3d seg_eval; devkit LidarSegEval check), optional "
-             "SuperFlow++-style temporal voting"),
-    TaskSpec("benchmark", benchmark, SuperFlowBenchmarkConfig,
-             "pretrain, then linear probing and low-label fine-tuning from SuperFlow vs random init over seeds "
-             "(--quick: minutes on CPU)"),
-]

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from accord.checks import check_tensor
+from accord.utils.checks import check_tensor
 from accord.config import StrictModel
 from accord_superflow.data.geometry import RigidTransform, sensor_to_sensor
 from accord_superflow.data.index import InfoIndex, KeyframeInfo, SensorFrame

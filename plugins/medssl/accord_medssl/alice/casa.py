@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from accord.checks import check_tensor
+from accord.utils.checks import check_tensor
 
 __all__ = ["CASA"]
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from accord.checks import check_tensor
+from accord.utils.checks import check_tensor
 
 __all__ = ["random_block_mask", "token_mask"]
 

@@ -28,7 +28,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from accord.checks import check_tensor
+from accord.utils.checks import check_tensor
 from accord.config import StrictModel
 from accord.heads import DINOHead, EMATeacher
 from accord.losses import DINOLoss, IBOTPatchLoss

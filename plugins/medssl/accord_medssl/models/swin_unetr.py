@@ -26,7 +26,7 @@ from monai.networks.nets import SwinUNETR
 from pydantic import Field, field_validator
 from torch import nn
 
-from accord.checks import check_tensor
+from accord.utils.checks import check_tensor
 from accord.config import StrictModel
 
 __all__ = ["BackboneOutput", "SwinUNETRBackbone", "SwinUNETRBackboneOptions", "monai_state_dict"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from accord.checks import check_tensor
+from accord.utils.checks import check_tensor
 from accord_superflow.models.config import TeacherConfig
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DinoV2Teacher", "build_teacher", "random_dinov2_config"]

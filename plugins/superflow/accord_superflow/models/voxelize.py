@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from accord.checks import check_tensor
+from accord.utils.checks import check_tensor
 
 __all__ = [
     "DEFAULT_VOXEL_SIZE",
