@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from accord import benchmarking
 from accord.benchmarking import (
     BenchmarkResult,
     DownstreamRun,
@@ -117,13 +118,13 @@ def test_pipeline_loops_groups_inits_seeds_and_pretrains_per_seed(fake: Fake, tm
 def test_results_are_written_once_with_tables_paper_command_and_json(fake: Fake, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     writes: list[str] = []
-    real = Path.write_text
+    real = benchmarking.write_text_atomically
 
-    def counting(path: Path, *args, **kwargs):
+    def counting(path: Path, text: str) -> Path:
         writes.append(path.name)
-        return real(path, *args, **kwargs)
+        return real(path, text)
 
-    monkeypatch.setattr(Path, "write_text", counting)
+    monkeypatch.setattr(benchmarking, "write_text_atomically", counting)
     result = CliRunner().invoke(app, ["benchmark", "fake", "--out", str(tmp_path), "--seeds", "[0]", "fractions=[1.0]"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output

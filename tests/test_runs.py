@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from accord.config import ConfigError, TrainerConfig, validate_config
-from accord.runs import load_run, run_task
+from accord.runs import load_run, record_config, run_task
 from accord.toy.data import synth_shapes
 from accord.toy.tasks import FinetuneConfig, PretrainConfig
 from accord.training import CheckpointError, Trainer, load_checkpoint
@@ -177,3 +178,50 @@ def test_a_corrupted_tensor_byte_is_detected_and_resume_falls_back(shapes: Path,
         load_checkpoint(newest)
     path, _ = latest_valid_checkpoint(tmp_path / "run" / "checkpoints")
     assert path == older
+
+
+def test_a_failed_run_with_another_config_keeps_the_record_of_the_existing_checkpoints(
+    shapes: Path, tmp_path: Path
+) -> None:
+    run_task(_pretrain(shapes, tmp_path / "run", seed=5))
+    record = (tmp_path / "run" / "config.yaml").read_text()
+    changed = _pretrain(shapes, tmp_path / "run", seed=5)
+    changed.trainer.resume = "never"  # fails before training: the run dir already holds checkpoints
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        run_task(changed)
+    assert (tmp_path / "run" / "config.yaml").read_text() == record
+    [aside] = (tmp_path / "run").glob("config.*.yaml")
+    assert "resume: never" in aside.read_text()
+    load_run(tmp_path / "run" / "checkpoints" / "step_00000003.pt")
+
+
+def test_the_same_config_or_an_empty_run_dir_writes_config_yaml(shapes: Path, tmp_path: Path) -> None:
+    cfg = _pretrain(shapes, tmp_path / "run", seed=5)
+    assert record_config(cfg) == tmp_path / "run" / "config.yaml"  # no checkpoints yet
+    run_task(cfg)
+    assert record_config(cfg) == tmp_path / "run" / "config.yaml"  # identical config
+    assert not list((tmp_path / "run").glob("config.*.yaml"))
+
+
+def test_a_junk_file_among_the_checkpoints_is_skipped_with_a_warning_on_resume(
+    shapes: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_task(_pretrain(shapes, tmp_path / "run", seed=5))
+    junk = tmp_path / "run" / "checkpoints" / "step_00000004.pt"
+    junk.write_bytes(b"hello world\n")  # torch.load raises KeyError on it
+    with caplog.at_level(logging.WARNING):
+        result = run_task(_pretrain(shapes, tmp_path / "run", seed=5, steps=5))
+    assert f"skipping checkpoint {junk}" in caplog.text and "not a checkpoint" in caplog.text
+    assert load_checkpoint(result["checkpoint"])["step"] == 5
+
+
+def test_resuming_into_a_changed_model_names_a_few_differing_entries(shapes: Path, tmp_path: Path) -> None:
+    run_task(_pretrain(shapes, tmp_path / "run", seed=5))
+    wider = _pretrain(shapes, tmp_path / "run", seed=5, steps=5)
+    wider.model.width = 16
+    with pytest.raises(CheckpointError) as caught:
+        run_task(wider)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'run' / 'checkpoints' / 'step_00000003.pt'}: its weights do not fit")
+    assert "of another shape" in message and "in the checkpoint" in message
+    assert "\n" not in message and len(message) < 800

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from accord.config import BenchmarkConfig, apply_overrides, save_resolved, validate_config
 from accord.registry import Component, ComponentNotFoundError
 from accord.report import bar_chart, format_mean_std, markdown_table, mean_std
+from accord.utils.files import write_text_atomically
 
 __all__ = [
     "KINDS",
@@ -144,9 +145,8 @@ class BenchmarkResult:
 
 
 def _write(result: BenchmarkResult, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "results.md").write_text(result.markdown())
-    (run_dir / "results.json").write_text(json.dumps(result.to_json(), indent=2))
+    write_text_atomically(run_dir / "results.md", result.markdown())
+    write_text_atomically(run_dir / "results.json", json.dumps(result.to_json(), indent=2))
 
 
 # --- finding and running registered benchmarks ---------------------------------------------------

@@ -1,4 +1,9 @@
-"""The ``accord`` command line (typer). ``accord --help`` lists the commands; each has examples."""
+"""The ``accord`` command line (typer). ``accord --help`` lists the commands; each has examples.
+
+User errors (:class:`accord.errors.UserError`, and the data errors tasks raise as ``ValueError`` /
+``FileNotFoundError``) are printed as one ``error:`` line and exit 2; anything else is a bug and
+keeps its traceback. ``accord --debug COMMAND`` shows the traceback for user errors too.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,14 @@ import json
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, Callable, List, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from accord.config import ConfigError, load_config
+from accord.errors import UserError
 from accord.plugins import get_host
 from accord.registry import ComponentNotFoundError, PluginNotInstalledError
 
@@ -29,24 +35,53 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def _fail(lines: list[str] | str, code: int = 2) -> None:
+#: Set by ``accord --debug`` for one invocation: user errors are raised with their traceback.
+_debug = False
+
+
+# Options given before the command. No docstring: typer would show it as the help of `accord`.
+@app.callback()
+def _options(
+    context: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="show the traceback of every error, user errors included"),
+) -> None:
+    _set_debug(debug)
+    # Scoped to this invocation, so it never leaks into the next one in the same process (tests).
+    context.call_on_close(partial(_set_debug, False))
+
+
+def _set_debug(value: bool) -> None:
+    """Turn ``--debug`` behaviour on or off."""
+    global _debug
+    _debug = value
+
+
+def _fail(lines: list[str] | str, code: int = 2) -> NoReturn:
     for line in [lines] if isinstance(lines, str) else lines:
         err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _user_error(exc: BaseException, lines: list[str] | str | None = None) -> NoReturn:
+    """Report an exception being handled as one line each of ``lines`` (default its message), exit 2;
+    under ``--debug`` re-raise it with its traceback instead. Call only inside ``except``."""
+    if _debug:
+        raise exc
+    _fail(lines if lines is not None else getattr(exc, "lines", None) or str(exc))
 
 
 def _resolve(kind: str, ref: str) -> Any:
     try:
         return get_host().registry(kind).get(ref)
     except (PluginNotInstalledError, ComponentNotFoundError) as exc:
-        _fail(str(exc))
+        _user_error(exc)
 
 
 def _require_plugin(plugin: str) -> None:
     try:
         get_host().require_plugin(plugin)
     except PluginNotInstalledError as exc:
-        _fail(str(exc))
+        _user_error(exc)
 
 
 @app.command("plugins")
@@ -100,7 +135,7 @@ def run_command(
     try:
         cfg = load_config(config, overrides or [])
     except ConfigError as exc:
-        _fail(exc.lines)
+        _user_error(exc)
     from accord.runs import run_task  # imports torch: not needed by the other commands
 
     _resolve("task", f"{cfg.plugin}.{cfg.task}")
@@ -112,15 +147,12 @@ T = TypeVar("T")
 
 
 def _call_task(run: Callable[[Any], T], cfg: Any) -> T:
-    """``run(cfg)`` with data and config errors reported as one line each, without a traceback."""
+    """``run(cfg)`` with user errors reported as one line each, without a traceback."""
     try:
         return run(cfg)
-    except ConfigError as exc:
-        _fail(exc.lines)
-    except (FileNotFoundError, ValueError) as exc:
+    except (UserError, FileNotFoundError, ValueError) as exc:
         # Data and input errors from tasks already name the file/field; no traceback needed.
-        _fail(str(exc))
-    raise AssertionError("unreachable")
+        _user_error(exc)
 
 
 def _dataset_component(plugin: str, name: Optional[str]) -> Any:
@@ -164,7 +196,7 @@ def data_synth(
     try:
         root = comp.extra["synth"](out_dir)
     except OSError as exc:  # unwritable place, a file where a folder goes, disk full: the user's to fix
-        _fail(f"{exc.filename or out_dir}: cannot write the sample dataset ({exc.strerror or exc})")
+        _user_error(exc, f"{exc.filename or out_dir}: cannot write the sample dataset ({exc.strerror or exc})")
     typer.echo(f"wrote {comp.qualname} sample dataset to {root}")
 
 
@@ -193,10 +225,10 @@ def data_check(
     try:
         kwargs = apply_overrides({}, options or [], source="accord data check")
         problems = comp.extra["check"](root, **kwargs)
-    except ConfigError as exc:
-        _fail(exc.lines)
+    except UserError as exc:
+        _user_error(exc)
     except TypeError as exc:  # an option the plugin's check does not take
-        _fail(f"accord data check {plugin}: {exc}")
+        _user_error(exc, f"accord data check {plugin}: {exc}")
     for problem in problems:
         typer.echo(str(problem))
     if problems:
@@ -253,9 +285,9 @@ def benchmark_command(
         component = find_benchmark(plugin, name, kind)
         cfg = benchmark_config(component, data=data, quick=quick, out=out, options=flags_as_overrides(items))
     except ConfigError as exc:
-        _fail(exc.lines)
+        _user_error(exc)
     except (PluginNotInstalledError, ComponentNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        _user_error(exc)
     result = _call_task(partial(run_benchmark, component), cfg)
     typer.echo(result.markdown())
 
@@ -315,12 +347,16 @@ def export_command(
     """
     if not checkpoint.is_file():
         _fail(f"{checkpoint}: checkpoint file not found")
+    if out.is_dir():
+        _fail(f"{out}: is a directory; --out takes the name of the file to write")
     exporter = _resolve("exporter", format)
     try:
         written = exporter.obj(checkpoint, out)
-    except (ValueError, KeyError) as exc:
+    except OSError as exc:  # unwritable directory, a file where a folder goes, disk full: the user's to fix
+        _user_error(exc, f"{exc.filename or out}: cannot write the export ({exc.strerror or exc})")
+    except (UserError, ValueError, KeyError) as exc:
         message = str(exc)
-        _fail(message if message.startswith(str(checkpoint)) else f"{checkpoint}: {message}")
+        _user_error(exc, message if message.startswith(str(checkpoint)) else f"{checkpoint}: {message}")
     typer.echo(f"wrote {written}")
 
 

@@ -36,6 +36,9 @@ from pydantic import (
     model_validator,
 )
 
+from accord.errors import UserError
+from accord.utils.files import write_text_atomically
+
 __all__ = [
     "ConfigError",
     "StrictModel",
@@ -49,11 +52,15 @@ __all__ = [
     "apply_overrides",
     "validate_config",
     "save_resolved",
+    "resolved_yaml",
 ]
 
 
-class ConfigError(ValueError):
-    """A config could not be read or validated; ``lines`` holds one message per problem."""
+class ConfigError(UserError, ValueError):
+    """A config could not be read or validated; ``lines`` holds one message per problem.
+
+    Also a ``ValueError``, which callers caught before :class:`~accord.errors.UserError` existed.
+    """
 
     def __init__(self, lines: list[str]) -> None:
         self.lines = lines
@@ -350,9 +357,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return validate_config(task.extra["config"], data, str(path))
 
 
+def resolved_yaml(config: BaseModel) -> str:
+    """The fully resolved config as the YAML text :func:`save_resolved` writes."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
 def save_resolved(config: BaseModel, run_dir: Path) -> Path:
-    """Write the fully resolved config to ``run_dir/config.yaml`` and return its path."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "config.yaml"
-    out.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    return out
+    """Write the fully resolved config to ``run_dir/config.yaml`` (atomically) and return its path."""
+    return write_text_atomically(run_dir / "config.yaml", resolved_yaml(config))

@@ -6,10 +6,13 @@ use :func:`markdown_table` for their own run reports.
 
 from __future__ import annotations
 
+import io
 import statistics
 import textwrap
 from pathlib import Path
 from typing import Any, Sequence
+
+from accord.utils.files import write_atomically
 
 __all__ = ["markdown_table", "mean_std", "format_mean_std", "bar_chart"]
 
@@ -76,7 +79,8 @@ def bar_chart(
     ax.set_title(textwrap.fill(title, width=60), fontsize=10)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    # Rendered in memory, then written like every other output (atomic, never through a symlink).
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
-    return path
+    return write_atomically(path, lambda handle: handle.write(image.getvalue()))

@@ -3,7 +3,8 @@
 Every task, whether started by ``accord run CONFIG``, by a benchmark protocol or by a test, goes
 through :func:`run_task`, so the same things happen before its code runs:
 
-1. the fully resolved config is written to ``<run_dir>/config.yaml``;
+1. the fully resolved config is written to ``<run_dir>/config.yaml`` (:func:`record_config`),
+   unless that would overwrite the record of checkpoints trained with another config;
 2. every random number generator is seeded from the run's one seed (``RunConfig.seed``): model
    initialisation, augmentation and anything else drawn from the global generators. The trainer
    derives data order and worker seeds from the same value, so two runs that differ only in
@@ -17,6 +18,8 @@ through the registered model factory it names (``register_models``:
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +27,47 @@ from typing import Any
 from torch import nn
 
 import accord
-from accord.config import ConfigError, RunConfig, save_resolved, validate_config
-from accord.training.checkpoint import CheckpointError, load_checkpoint, seed_everything
+from accord.config import ConfigError, RunConfig, resolved_yaml, validate_config
+from accord.training.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_model_state,
+    seed_everything,
+)
+from accord.training.trainer import CHECKPOINT_DIR
+from accord.utils.files import write_text_atomically
 
-__all__ = ["run_task", "run_record", "load_run", "LoadedRun"]
+__all__ = ["run_task", "record_config", "run_record", "load_run", "LoadedRun"]
+
+log = logging.getLogger(__name__)
+
+
+def record_config(cfg: RunConfig) -> Path:
+    """Write the resolved config into the run directory without clobbering a previous run's record.
+
+    ``<run_dir>/config.yaml`` describes the checkpoints next to it. It is (re)written when the run
+    directory holds no checkpoints or the file already holds this exact config. Otherwise the
+    checkpoints were trained with another config, and a run that fails before it trains must not
+    make them undescribed: the new config goes to ``config.<UTC time>.yaml`` beside it, with a
+    warning naming both files.
+
+    Returns:
+        The file written.
+    """
+    text = resolved_yaml(cfg)
+    target = cfg.run_dir / "config.yaml"
+    if (
+        target.is_file()
+        and list_checkpoints(cfg.run_dir / CHECKPOINT_DIR)
+        and target.read_text(encoding="utf-8") != text
+    ):
+        target = cfg.run_dir / f"config.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.yaml"
+        log.warning(
+            "%s describes the checkpoints of a run with another config; kept it, wrote this run's config to %s",
+            cfg.run_dir / "config.yaml", target,
+        )
+    return write_text_atomically(target, text)
 
 
 def run_task(cfg: RunConfig) -> dict[str, Any]:
@@ -49,7 +89,7 @@ def run_task(cfg: RunConfig) -> dict[str, Any]:
     expected = task.extra["config"]
     if not isinstance(cfg, expected):
         raise TypeError(f"task {task.qualname} takes a {expected.__name__} config, got {type(cfg).__name__}")
-    save_resolved(cfg, cfg.run_dir)
+    record_config(cfg)
     seed_everything(cfg.seed)
     return task.obj(cfg)
 
@@ -138,10 +178,5 @@ def load_run(checkpoint: str | Path) -> LoadedRun:
     except ConfigError as exc:
         raise CheckpointError("; ".join(exc.lines)) from None
     model = factory.obj(config, **record.get("model_options", {}))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{path}: its weights do not fit the model that {factory.qualname} builds from its config: {exc}"
-        ) from None
+    load_model_state(model, state["model"], path, f"the model that {factory.qualname} builds from its config")
     return LoadedRun(model=model.eval(), config=config, step=state["step"], record=dict(record), checkpoint=path)

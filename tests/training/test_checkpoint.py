@@ -18,6 +18,7 @@ from accord.training.checkpoint import (
     checkpoint_path,
     latest_valid_checkpoint,
     list_checkpoints,
+    load_model_state,
     prune_checkpoints,
     remove_temp_files,
     restore_rng_state,
@@ -91,7 +92,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path: Path, cap
         path, state = latest_valid_checkpoint(tmp_path)
     assert path == older and state["step"] == 2
     assert "step_00000004.pt" in caplog.text
-    with pytest.raises(CheckpointError, match="step_00000004.pt: unreadable or truncated"):
+    with pytest.raises(CheckpointError, match="step_00000004.pt: unreadable, truncated or not a checkpoint"):
         load_checkpoint(newest)
 
 
@@ -151,3 +152,20 @@ def test_safetensors_export_round_trips_with_metadata(tmp_path: Path) -> None:
     assert torch.equal(fresh.decode.weight, model.embed.weight)
     metadata = weights_metadata(out)
     assert metadata["format"] == "pt" and metadata["step"] == "7" and '"lr": 0.1' in metadata["config"]
+
+
+def test_load_model_state_names_a_few_differences_and_loads_nothing(tmp_path: Path) -> None:
+    saved = nn.Sequential(*[nn.Linear(4, 4) for _ in range(5)]).state_dict()
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(4, 4))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as caught:
+        load_model_state(model, saved, tmp_path / "step_00000001.pt", "this run's model")
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'step_00000001.pt'}: its weights do not fit this run's model; ")
+    assert "6 unexpected: 2.weight, 2.bias, 3.weight, ...;" in message
+    assert "2 of another shape: 0.weight (4, 4) in the checkpoint, (3, 4) in the model, 0.bias (4,) in" in message
+    assert "missing" not in message and "\n" not in message
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    fitting = nn.Sequential(*[nn.Linear(4, 4) for _ in range(5)])
+    load_model_state(fitting, saved, tmp_path / "step_00000001.pt", "this run's model")
+    assert all(torch.equal(saved[key], value) for key, value in fitting.state_dict().items())

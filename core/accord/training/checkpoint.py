@@ -21,9 +21,10 @@ checkpoint can run code when it is read. Its keys:
   rebuilds the model from it. ``None`` for checkpoints of a trainer built without a run (tests,
   low-level use) and for version-1 checkpoints, which predate it.
 
-Writes go to a temporary file in the same directory, are flushed and fsynced, renamed over the
-final name with :func:`os.replace` and the directory is fsynced, so a crash leaves either the old
-file set or the new one, never a half-written ``step_*.pt``.
+Writes go through :func:`accord.utils.files.write_atomically` (re-exported here): a temporary
+``.step_<...>.<random>.tmp`` in the same directory, flushed and fsynced, renamed over the final name
+and the directory fsynced, so a crash leaves either the old file set or the new one, never a
+half-written ``step_*.pt``; temp files never match ``step_*.pt``.
 """
 
 from __future__ import annotations
@@ -31,18 +32,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pickle
 import random
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 import accord
+from accord.errors import UserError
+from accord.utils.files import TEMP_SUFFIX, write_atomically
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -53,6 +55,7 @@ __all__ = [
     "content_digest",
     "save_checkpoint",
     "load_checkpoint",
+    "load_model_state",
     "latest_valid_checkpoint",
     "prune_checkpoints",
     "remove_temp_files",
@@ -74,13 +77,13 @@ _READABLE_VERSIONS = (1, CHECKPOINT_VERSION)
 _FORMAT = "accord-checkpoint"
 _REQUIRED_KEYS = ("step", "data_position", "model", "optimizer", "scheduler", "rng", "world_size", "config")
 _NAME = re.compile(r"^step_(\d+)\.pt$")
-_TEMP_SUFFIX = ".tmp"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, unsafe or not an accord checkpoint.
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file is missing, unreadable, unsafe, not an accord checkpoint, or does not fit the model.
 
-    A ``ValueError`` (bad input), so the CLI and tasks report it as one line naming the file.
+    A :class:`~accord.errors.UserError`, so the CLI reports it as one line naming the file; also a
+    ``ValueError``, which callers caught before that base existed.
     """
 
 
@@ -96,43 +99,6 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
     return sorted(found)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; directories cannot be opened this way on Windows.
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write a file so readers see either the old content or the complete new one.
-
-    Args:
-        path: destination; its directory is created if needed.
-        write: called with a binary file object open on a temporary file next to ``path``.
-
-    Returns:
-        ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
-    try:
-        with open(temp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-    return path
 
 
 def content_digest(state: Mapping[str, Any]) -> str:
@@ -196,15 +162,18 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's message is a long how-to-bypass text; keep only the sentence naming the object.
-        reason = re.search(r"WeightsUnpickler error: (.*?\.)(?=\s|$)", str(exc))
-        raise CheckpointError(
-            f"{path}: refused to load: it holds objects that weights_only loading does not allow "
-            f"({reason.group(1) if reason else type(exc).__name__})"
-        ) from exc
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path}: unreadable or truncated checkpoint ({str(exc) or type(exc).__name__})"
-        ) from exc
+        reason = re.search(r"WeightsUnpickler error: (Unsupported global.*?\.)(?=\s|$)", str(exc))
+        if reason:
+            raise CheckpointError(
+                f"{path}: refused to load: it holds objects that weights_only loading does not allow "
+                f"({reason.group(1)})"
+            ) from exc
+        raise CheckpointError(f"{path}: not a checkpoint: not a file written by torch.save") from exc
+    except Exception as exc:
+        # On arbitrary bytes torch's readers fail with any type (KeyError, IndexError, RuntimeError,
+        # EOFError, ...): whatever they raise here is about the file, not a bug to trace.
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable, truncated or not a checkpoint ({detail})") from exc
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise CheckpointError(f"{path}: not an accord checkpoint (no format={_FORMAT!r} entry)")
     if state.get("version") not in _READABLE_VERSIONS:
@@ -221,6 +190,39 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     return state
+
+
+def load_model_state(model: nn.Module, state_dict: Mapping[str, Any], path: Path, built_by: str) -> None:
+    """``model.load_state_dict(state_dict)`` (strict), or a short error saying which entries differ.
+
+    torch's own message lists every key, often hundreds of lines; this names at most three
+    missing keys, three unexpected keys and three shape mismatches, with the totals.
+
+    Args:
+        model: the model to load into.
+        state_dict: a checkpoint's ``model`` entry.
+        path: the checkpoint, for the message.
+        built_by: what built ``model``, for the message (e.g. ``"this run's model"``).
+
+    Raises:
+        CheckpointError: the keys or shapes differ; nothing was loaded.
+    """
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    shapes = [
+        f"{key} {tuple(state_dict[key].shape)} in the checkpoint, {tuple(value.shape)} in the model"
+        for key, value in expected.items()
+        if key in state_dict and isinstance(state_dict[key], torch.Tensor) and state_dict[key].shape != value.shape
+    ]
+    parts = [
+        f"{len(found)} {label}: {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}"
+        for label, found in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+        if found
+    ]
+    if parts:
+        raise CheckpointError(f"{path}: its weights do not fit {built_by}; entries {'; '.join(parts)}")
+    model.load_state_dict(state_dict)
 
 
 def latest_valid_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -248,7 +250,7 @@ def prune_checkpoints(directory: Path, keep_last: int) -> list[Path]:
 def remove_temp_files(directory: Path) -> None:
     """Delete temporary files left by a writer that was killed mid-write."""
     if Path(directory).is_dir():
-        for path in Path(directory).glob(f".*{_TEMP_SUFFIX}"):
+        for path in Path(directory).glob(f".*{TEMP_SUFFIX}"):
             path.unlink(missing_ok=True)
 
 

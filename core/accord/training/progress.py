@@ -11,6 +11,7 @@ callbacks add records of namespaced metrics (``{"step", "val/dice", ..., "time"}
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import sys
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from accord.training.checkpoint import write_atomically
+from accord.utils.files import write_atomically
 
 __all__ = [
     "METRICS_FILE",
@@ -106,8 +107,10 @@ def plot_loss_curves(metrics_path: Path, out_path: Path) -> Path | None:
             ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
-    figure.savefig(out_path, dpi=100)
-    return Path(out_path)
+    # Rendered in memory, then written like every other output (atomic, never through a symlink).
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
+    return write_atomically(Path(out_path), lambda handle: handle.write(image.getvalue()))
 
 
 def _require_tensorboard() -> None:

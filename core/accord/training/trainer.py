@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from accord.config import RunConfig, TrainerConfig
+from accord.errors import UserError
 from accord.training.callbacks import Callback, TrainingState
 from accord.training.checkpoint import (
     CheckpointError,
@@ -38,6 +39,7 @@ from accord.training.checkpoint import (
     checkpoint_path,
     derive_seed,
     latest_valid_checkpoint,
+    load_model_state,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -73,8 +75,12 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """A loss term was NaN or infinite; the step was not applied and not checkpointed.
+
+    A :class:`~accord.errors.UserError` (the fix is in the run's settings or data, and the message
+    says where training stopped), so the CLI prints it as one line; also a ``RuntimeError``, as
+    before that base existed.
 
     Attributes:
         step: the (1-based) optimizer step that failed.
@@ -414,7 +420,7 @@ class Trainer:
         if context.is_main:
             log.info("resuming from %s (step %d)", path, state["step"])
             self._warn_config_changes(path, state["config"])
-        model.load_state_dict(state["model"])
+        load_model_state(model, state["model"], path, "this run's model (did the model config change?)")
         try:
             optimizer.load_state_dict(state["optimizer"])
         except ValueError as exc:
