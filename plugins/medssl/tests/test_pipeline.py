@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -126,11 +127,11 @@ def test_a_planted_pickle_in_the_cache_is_never_executed(msd_root: Path, tmp_pat
                                                          caplog: pytest.LogCaptureFixture) -> None:
     items = decathlon_items(msd_root)[:1]
     cache_dir, marker = tmp_path / "cache", tmp_path / "code-ran"
-    # The payload does run when unpickled, as MONAI's PersistentDataset(weights_only=False) did.
+    # A live payload: its pickle calls pathlib's touch when unpickled freely (checked without running it).
     torch.save({"volume": _PlantedPayload(marker)}, tmp_path / "probe.pt")
-    torch.load(tmp_path / "probe.pt", weights_only=False)
-    assert marker.exists()
-    marker.unlink()
+    with zipfile.ZipFile(tmp_path / "probe.pt") as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    assert b"pathlib" in pickled and b"touch" in pickled and not marker.exists()
 
     expected = build_dataset(items, cache="disk", cache_dir=cache_dir)[0]["image"]
     (entry,) = cache_dir.iterdir()
