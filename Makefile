@@ -21,7 +21,7 @@ $(BIN)/python:
 # the pin (plugins/superflow/README.md). Only plugins that need them pay for them.
 OPENMMLAB := mmengine==0.10.7 mmdet==3.3.0 mmdet3d==1.4.0
 OPENMMLAB_DEPS := "numpy<2" addict yapf termcolor terminaltables six tqdm numba
-NEEDS_OPENMMLAB := $(filter superflow,$(PLUGINS))
+NEEDS_OPENMMLAB := $(filter superflow mutdet,$(PLUGINS))
 # Extras per plugin directory: the CPU build of spconv for superflow; nilearn (the MNI152 template,
 # real anatomy for the anatomy-matching tests and benchmark) for medssl.
 EXTRAS_superflow := [spconv-cpu]

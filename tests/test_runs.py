@@ -12,6 +12,7 @@ import torch
 
 from accord.config import ConfigError, TrainerConfig, validate_config
 from accord.runs import load_run, record_config, run_task
+from accord.testing.reruns import assert_reruns_are_bit_exact
 from accord.toy.data import synth_shapes
 from accord.toy.tasks import FinetuneConfig, PretrainConfig
 from accord.training import CheckpointError, Trainer, load_checkpoint
@@ -225,3 +226,11 @@ def test_resuming_into_a_changed_model_names_a_few_differing_entries(shapes: Pat
     assert message.startswith(f"{tmp_path / 'run' / 'checkpoints' / 'step_00000003.pt'}: its weights do not fit")
     assert "of another shape" in message and "in the checkpoint" in message
     assert "\n" not in message and len(message) < 800
+
+
+def test_toy_pretraining_reruns_and_resumes_bit_exact(shapes: Path, tmp_path: Path) -> None:
+    def config(run_dir: Path) -> PretrainConfig:
+        trainer = TrainerConfig(max_steps=4, batch_size=8, lr=1e-3, warmup_steps=1, checkpoint_every=2)
+        return PretrainConfig(plugin="core", task="pretrain", run_dir=run_dir, data=shapes, seed=3, trainer=trainer)
+
+    assert_reruns_are_bit_exact(config, tmp_path)

@@ -8,6 +8,7 @@ keeps its traceback. ``accord --debug COMMAND`` shows the traceback for user err
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from functools import partial
 from pathlib import Path
@@ -109,7 +110,8 @@ def plugins_command(
     for col in ("name", "version", "domain", "tasks", "components", "hooks"):
         table.add_column(col)
     for r in rows:
-        comps = ", ".join(f"{len(v)} {_plural(k, len(v))}" for k, v in r["components"].items())
+        # Names, not counts: `accord export --format` and `accord benchmark` take these names.
+        comps = "\n".join(f"{_plural(k, len(v))}: {', '.join(v)}" for k, v in r["components"].items())
         hooks = ", ".join(h.removeprefix("register_") for h in r["hooks"])
         table.add_row(r["name"], r["version"], r["domain"], ", ".join(r["tasks"]), comps, hooks)
     console.print(table)
@@ -419,7 +421,25 @@ def main() -> None:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
     host.add_commands(app)
+    _show_accord_logs()
     app()
+
+
+def _show_accord_logs() -> None:
+    """Print accord's and its plugins' INFO lines (the phases of a run: resuming, caching, probing)
+    and every library's warnings on stderr; other libraries' INFO chatter stays hidden."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(lambda record: record.levelno >= logging.WARNING or record.name.startswith("accord"))
+    handler.setFormatter(_LevelPrefixFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+class _LevelPrefixFormatter(logging.Formatter):
+    """``message`` for INFO, ``warning: message`` (``error: ...``) above it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {message}"
 
 
 if __name__ == "__main__":

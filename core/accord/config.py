@@ -156,7 +156,10 @@ class TrainerConfig(StrictModel):
     )
     keep_last: int = Field(3, ge=1)
     resume: Literal["auto", "never"] | Path = "auto"
-    deterministic: bool = False
+    deterministic: bool = Field(
+        False, description="torch.use_deterministic_algorithms (ops without a deterministic kernel raise); CPU reruns "
+        "are bit-exact without it"
+    )
     num_workers: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     tensorboard: bool = False

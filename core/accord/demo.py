@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 
 from accord.benchmarking import benchmark_config, benchmarks_of, run_benchmark
+from accord.utils.files import write_text_atomically
 
 __all__ = ["run_demo"]
 
@@ -43,6 +44,4 @@ def run_demo(plugins: list[str], out: Path) -> Path:
             for plot in result.plots:
                 rel = Path(plot).resolve().relative_to(out.resolve())
                 sections += [f"![{component.qualname} {rel.stem}]({rel.as_posix()})", ""]
-    summary = out / "summary.md"
-    summary.write_text("\n".join(sections))
-    return summary
+    return write_text_atomically(out / "summary.md", "\n".join(sections))

@@ -6,13 +6,12 @@ use :func:`markdown_table` for their own run reports.
 
 from __future__ import annotations
 
-import io
 import statistics
 import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from accord.utils.files import write_atomically
+from accord.utils.files import write_figure_atomically
 
 __all__ = ["markdown_table", "mean_std", "format_mean_std", "bar_chart"]
 
@@ -79,8 +78,6 @@ def bar_chart(
     ax.set_title(textwrap.fill(title, width=60), fontsize=10)
     ax.legend()
     fig.tight_layout()
-    # Rendered in memory, then written like every other output (atomic, never through a symlink).
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=120)
+    written = write_figure_atomically(fig, path, dpi=120)
     plt.close(fig)
-    return write_atomically(path, lambda handle: handle.write(image.getvalue()))
+    return written

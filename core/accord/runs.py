@@ -91,6 +91,7 @@ def run_task(cfg: RunConfig) -> dict[str, Any]:
         raise TypeError(f"task {task.qualname} takes a {expected.__name__} config, got {type(cfg).__name__}")
     record_config(cfg)
     seed_everything(cfg.seed)
+    log.info("%s: run_dir %s, seed %d", task.qualname, cfg.run_dir, cfg.seed)
     return task.obj(cfg)
 
 

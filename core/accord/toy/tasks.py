@@ -19,6 +19,7 @@ from accord.runs import run_task
 from accord.toy.data import TwoViews, load_shapes, split_indices
 from accord.toy.model import ConvEncoder, EncoderConfig, SimCLR
 from accord.training import Trainer, load_checkpoint
+from accord.utils.files import write_text_atomically
 
 __all__ = ["PretrainConfig", "FinetuneConfig", "EvaluateConfig", "ToyBenchmarkConfig", "pretrain", "finetune", "evaluate", "benchmark"]
 
@@ -118,7 +119,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     accuracy = linear_probe(encoder, cfg.data, cfg.probe, cfg.seed)
     result = {"linear_probe_accuracy": accuracy, "checkpoint": str(cfg.checkpoint)}
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "results.json").write_text(json.dumps(result, indent=2))
+    write_text_atomically(cfg.run_dir / "results.json", json.dumps(result, indent=2))
     return result
 
 

@@ -11,7 +11,6 @@ callbacks add records of namespaced metrics (``{"step", "val/dice", ..., "time"}
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import math
 import sys
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from accord.utils.files import write_atomically
+from accord.utils.files import write_atomically, write_figure_atomically
 
 __all__ = [
     "METRICS_FILE",
@@ -107,10 +106,7 @@ def plot_loss_curves(metrics_path: Path, out_path: Path) -> Path | None:
             ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
-    # Rendered in memory, then written like every other output (atomic, never through a symlink).
-    image = io.BytesIO()
-    figure.savefig(image, format="png", dpi=100)
-    return write_atomically(Path(out_path), lambda handle: handle.write(image.getvalue()))
+    return write_figure_atomically(figure, out_path, dpi=100)
 
 
 def _require_tensorboard() -> None:

@@ -268,6 +268,8 @@ class Trainer:
             _use_deterministic_algorithms()
         resumed = self._checkpoint_to_resume()
         start = resumed[1]["step"] if resumed else 0
+        if context.is_main and not resumed:
+            log.info("training from step 0 to %d", cfg.max_steps)
         self._check_ranks_agree(start, context)
         seed_everything(self.seed + context.rank)
         loop = self._start_loop(context, model, dataset, collate_fn, resumed)

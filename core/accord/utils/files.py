@@ -7,12 +7,13 @@ destination (or a predictable temp name) cannot redirect the write outside the r
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
-__all__ = ["TEMP_SUFFIX", "write_atomically", "write_text_atomically", "fsync_directory"]
+__all__ = ["TEMP_SUFFIX", "write_atomically", "write_text_atomically", "write_figure_atomically", "fsync_directory"]
 
 #: Suffix of the temporary files :func:`write_atomically` creates (they also start with ``.``).
 TEMP_SUFFIX = ".tmp"
@@ -76,3 +77,13 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> Path:
 def write_text_atomically(path: Path, text: str) -> Path:
     """:func:`write_atomically` for UTF-8 text."""
     return write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def write_figure_atomically(figure: Any, path: Path, *, dpi: int = 120) -> Path:
+    """Render a matplotlib ``figure`` as PNG in memory, then :func:`write_atomically` it to ``path``.
+
+    ``savefig(path)`` would write in place and follow a symlink at ``path``.
+    """
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=dpi)
+    return write_atomically(Path(path), lambda handle: handle.write(image.getvalue()))

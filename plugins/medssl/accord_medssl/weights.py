@@ -80,11 +80,15 @@ def pretraining_options(checkpoint: str | Path, method: str, state: Mapping[str,
         )
     config = record["config"]
     if (record["plugin"], record["task"], config.get("method")) != ("medssl", "pretrain", method):
-        raise ValueError(
-            f"{checkpoint}: written by a {record['plugin']}.{record['task']} run of method {config.get('method')!r}, "
-            f"expected a medssl.pretrain run of method {method!r}"
-        )
+        raise ValueError(f"{checkpoint}: written by {run_description(record)}, expected a medssl.pretrain run of "
+                         f"method {method!r}")
     return dict(config.get(method) or {})
+
+
+def run_description(record: Mapping[str, Any]) -> str:
+    """``"a medssl.pretrain run of method 'alice'"`` (``"a core.pretrain run"`` when the task has no method)."""
+    method = record["config"].get("method")
+    return f"a {record['plugin']}.{record['task']} run" + (f" of method {method!r}" if method else "")
 
 
 def alice_backbone(

@@ -117,3 +117,11 @@ def test_finetuning_starts_from_the_pretrained_backbone(alice_checkpoint, msd_ro
     torch.testing.assert_close(
         teacher.swinViT.patch_embed.proj.weight, model.teacher.teacher.backbone.swin_unetr.swinViT.patch_embed.proj.weight
     )
+
+
+def test_a_run_without_a_method_is_described_without_one() -> None:
+    from accord_medssl.weights import run_description
+
+    assert run_description({"plugin": "core", "task": "pretrain", "config": {"seed": 0}}) == "a core.pretrain run"
+    assert run_description({"plugin": "medssl", "task": "pretrain", "config": {"method": "alice"}}) == (
+        "a medssl.pretrain run of method 'alice'")

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from accord.config import ExistingPath, RunConfig
 from accord.report import markdown_table
+from accord.utils.files import write_text_atomically
 from accord_superflow.data.index import KeyframeInfo
 from accord_superflow.segmentation import (
     IGNORE_INDEX,
@@ -269,12 +270,12 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         rows["devkit LidarSegEval"] = result["devkit"]
         _require_agreement(scores, result["devkit"])
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "results.json").write_text(json.dumps(result, indent=2))
+    write_text_atomically(cfg.run_dir / "results.json", json.dumps(result, indent=2))
     voting = "" if cfg.temporal_voting is None else (
         f", SuperFlow++-style temporal voting (accord implementation) over +-{cfg.temporal_voting.neighbours} "
         "keyframes")
     title = f"**Point IoU (%) on {cfg.data.version}/{cfg.data.split}, {scores['keyframes']} keyframes{voting}**"
-    (cfg.run_dir / "results.md").write_text(f"{title}\n\n{scores_markdown(rows)}\n")
+    write_text_atomically(cfg.run_dir / "results.md", f"{title}\n\n{scores_markdown(rows)}\n")
     log.info("mIoU %.2f %% on %d keyframes of %s", 100 * (scores["miou"] or 0.0), scores["keyframes"], cfg.data.split)
     return result
 

@@ -195,3 +195,14 @@ def test_finetune_rejects_a_fraction_that_keeps_no_scene(_tiny_template, tmp_pat
     with pytest.raises(Exception, match="one of"):
         validate_config(FinetuneConfig, finetune_config(_tiny_template, tmp_path / "run", **{"data.label_fraction": 3}),
                         "test")
+
+
+def test_finetune_reruns_and_resumes_bit_exact(_tiny_template, tmp_path):
+    from accord.testing.reruns import assert_reruns_are_bit_exact
+
+    def config(run_dir: Path) -> FinetuneConfig:
+        return validate_config(FinetuneConfig, finetune_config(_tiny_template, run_dir, **{"trainer.checkpoint_every": 2,
+                                                                                 "trainer.keep_last": 2}),
+                               "test")
+
+    assert_reruns_are_bit_exact(config, tmp_path)

@@ -251,3 +251,11 @@ def test_pretrain_refuses_an_invalid_dataset(tiny_root, tmp_path):
     cfg = validate_config(PretrainConfig, _config_data(tiny_root, tmp_path / "run", tmp_path / "index"), "test")
     with pytest.raises(ValueError, match="sample.json"):
         pretrain(cfg)
+
+
+def test_pretrain_reruns_and_resumes_bit_exact(sparse_root, tmp_path):
+    from accord.testing.reruns import assert_reruns_are_bit_exact
+
+    assert_reruns_are_bit_exact(
+        lambda run_dir: validate_config(PretrainConfig, _config_data(sparse_root, run_dir, tmp_path / "index"), "test"),
+        tmp_path)

@@ -106,28 +106,32 @@ def _volume_keys(with_label: bool) -> list[str]:
 
 
 class _SeededCompose(Compose):
-    """A ``Compose`` whose random transforms follow ``seed``, reseeded in each ``DataLoader`` worker.
+    """A ``Compose`` whose random transforms follow the run's random streams, in the main process and in workers.
 
-    In the main process the transforms draw one stream from ``seed``. A worker process reseeds its
-    copy on first use from ``seed`` and ``get_worker_info().seed``, which PyTorch derives from the
-    loader's generator per worker and per epoch (the core trainer seeds that generator from the run
-    seed, rank and epoch), so workers and epochs differ and a rerun repeats them.
+    In the main process each call reseeds the transforms from the global NumPy RNG, which the
+    trainer seeds from the run seed and saves in every checkpoint: a rerun repeats the crops, and a
+    resumed run continues them exactly where the killed one stopped (a stream of the transforms' own
+    would restart from its seed). A worker process reseeds its copy on first use from ``seed`` and
+    ``get_worker_info().seed``, which PyTorch derives from the loader's generator per worker and per
+    epoch (the core trainer seeds that generator from the run seed, rank and epoch), so workers and
+    epochs differ and a rerun repeats them.
 
     Args:
         transforms: the transforms, as for ``Compose``.
-        seed: seed of the random transforms.
+        seed: seed of the random transforms in ``DataLoader`` workers.
     """
 
     def __init__(self, transforms: Sequence[Callable], seed: int) -> None:
         super().__init__(transforms)
         self.seed = seed
         self._seeded_for_worker: int | None = None
-        self.set_random_state(seed=seed)
 
     def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
-        """``Compose.__call__``, after reseeding if this is the first call in a new worker."""
+        """``Compose.__call__``, after reseeding (every call in the main process, once per worker)."""
         worker = torch.utils.data.get_worker_info()
-        if worker is not None and worker.seed != self._seeded_for_worker:
+        if worker is None:
+            self.set_random_state(seed=int(np.random.randint(MAX_SEED)))
+        elif worker.seed != self._seeded_for_worker:
             self._seeded_for_worker = worker.seed
             mixed = np.random.SeedSequence([self.seed % MAX_SEED, worker.seed]).generate_state(1)[0]
             self.set_random_state(seed=int(mixed))
@@ -188,6 +192,7 @@ class _DiskCache(Dataset):
             cached = self._read(path, identity, sources)
             if cached is not None:
                 return cached
+        log.info("caching %s in %s", item[self.keys[0]], self.cache_dir)
         built = self.preprocess({key: item[key] for key in self.keys})
         tensors = {}
         for key in self.keys:
