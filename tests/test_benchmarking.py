@@ -16,6 +16,7 @@ from accord.benchmarking import (
     PipelineSpec,
     ResultTable,
     benchmark_config,
+    benchmarks_of,
     find_benchmark,
     run_benchmark,
     run_pipeline,
@@ -205,3 +206,24 @@ def test_a_benchmark_that_returns_a_dict_is_an_error(tmp_path: Path) -> None:
     component = find_benchmark("old")
     with pytest.raises(TypeError, match="benchmark old.old returned dict, expected accord.benchmarking.BenchmarkResult"):
         run_benchmark(component, benchmark_config(component, out=tmp_path))
+
+
+def test_of_several_pipeline_benchmarks_the_default_one_runs_without_a_name() -> None:
+    class Two:
+        @hookimpl
+        def register_benchmarks(self, register):
+            register("first", lambda cfg: None, config=BenchmarkConfig)
+            register("second", lambda cfg: None, config=BenchmarkConfig, default=True)
+
+    class Undecided:
+        @hookimpl
+        def register_benchmarks(self, register):
+            register("first", lambda cfg: None, config=BenchmarkConfig)
+            register("second", lambda cfg: None, config=BenchmarkConfig)
+
+    get_host().pm.register(Two(), name="two")
+    get_host().pm.register(Undecided(), name="undecided")
+    assert find_benchmark("two").name == "second" and find_benchmark("two", "first").name == "first"
+    assert [c.name for c in benchmarks_of("two", "pipeline")] == ["first", "second"]  # the demo runs both
+    with pytest.raises(ComponentNotFoundError, match="several pipeline benchmarks; name one"):
+        find_benchmark("undecided")

@@ -143,9 +143,9 @@ def test_version_1_checkpoints_still_resume_but_do_not_describe_their_run(shapes
 def test_load_run_names_an_uninstalled_plugin(shapes: Path, tmp_path: Path) -> None:
     result = run_task(_pretrain(shapes, tmp_path / "run", seed=0))
     state = load_checkpoint(result["checkpoint"])
-    state["run"] = {**state["run"], "plugin": "mutdet", "model_factory": "mutdet.detector"}
+    state["run"] = {**state["run"], "plugin": "notinstalled", "model_factory": "notinstalled.detector"}
     foreign = save_checkpoint(state, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match=f"{foreign}: plugin 'mutdet' is not installed"):
+    with pytest.raises(CheckpointError, match=f"{foreign}: plugin 'notinstalled' is not installed"):
         load_run(foreign)
 
 

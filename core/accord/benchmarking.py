@@ -183,7 +183,8 @@ def benchmarks_of(plugin: str, kind: Kind) -> list[Component[Any]]:
 
 
 def find_benchmark(plugin: str, name: str | None = None, kind: Kind = "pipeline") -> Component[Any]:
-    """The benchmark ``plugin.name`` of ``kind``; without ``name``, the plugin's only one of that kind.
+    """The benchmark ``plugin.name`` of ``kind``; without ``name``, the plugin's only one of that kind, or
+    the one of several registered with ``default=True``.
 
     Raises:
         PluginNotInstalledError: ``plugin`` is not loaded.
@@ -198,8 +199,9 @@ def find_benchmark(plugin: str, name: str | None = None, kind: Kind = "pipeline"
         return f"its {of} benchmarks: {', '.join(names)} (accord benchmark {plugin}{flag} NAME)"
 
     if name is None:
-        if len(candidates) == 1:
-            return candidates[0]
+        defaults = [c for c in candidates if c.extra.get("default")]
+        if len(candidates) == 1 or len(defaults) == 1:
+            return candidates[0] if len(candidates) == 1 else defaults[0]
         if candidates:
             raise ComponentNotFoundError(f"plugin {plugin!r} has several {kind} benchmarks; name one: "
                                          + listing(kind, [c.name for c in candidates]))

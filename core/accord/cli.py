@@ -7,12 +7,13 @@ keeps its traceback. ``accord --debug COMMAND`` shows the traceback for user err
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, List, NoReturn, Optional, TypeVar
+from typing import Any, Callable, Iterator, List, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -55,6 +56,17 @@ def _set_debug(value: bool) -> None:
     """Turn ``--debug`` behaviour on or off."""
     global _debug
     _debug = value
+
+
+@contextlib.contextmanager
+def user_errors(*also: type[BaseException]) -> Iterator[None]:
+    """For plugin commands (``register_commands``): report a :class:`UserError` (and the ``also``
+    types) raised inside as one ``error:`` line and exit 2, as the core commands do; ``accord
+    --debug`` shows its traceback."""
+    try:
+        yield
+    except (UserError, *also) as exc:
+        _user_error(exc)
 
 
 def _fail(lines: list[str] | str, code: int = 2) -> NoReturn:
@@ -178,6 +190,9 @@ def data_synth(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="write into a non-empty out_dir, replacing files of the same name (others stay)"
     ),
+    options: List[str] = typer.Argument(
+        None, help="the generator's options as key=value (e.g. num_train=20); see the plugin's docs"
+    ),
 ) -> None:
     """Write a small sample dataset in the plugin's exact on-disk format.
 
@@ -188,18 +203,33 @@ def data_synth(
 
         accord data synth core data/toy
 
-        accord data synth medssl data/msd_phantoms
+        accord data synth medssl data/msd_phantoms num_train=20
     """
     comp = _dataset_component(plugin, dataset)
     if out_dir.exists() and not out_dir.is_dir():
         _fail(f"{out_dir}: exists and is not a directory; the sample dataset needs a new or empty directory")
     if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
         _fail(f"{out_dir}: directory is not empty; choose a new or empty one, or pass --overwrite to write into it")
+    kwargs = _plugin_options(options, f"accord data synth {plugin}")
     try:
-        root = comp.extra["synth"](out_dir)
+        root = comp.extra["synth"](out_dir, **kwargs)
     except OSError as exc:  # unwritable place, a file where a folder goes, disk full: the user's to fix
         _user_error(exc, f"{exc.filename or out_dir}: cannot write the sample dataset ({exc.strerror or exc})")
+    except (UserError, ValueError) as exc:
+        _user_error(exc)
+    except TypeError as exc:  # an option the plugin's generator does not take
+        _user_error(exc, f"accord data synth {plugin}: {exc}")
     typer.echo(f"wrote {comp.qualname} sample dataset to {root}")
+
+
+def _plugin_options(options: list[str] | None, source: str) -> dict[str, Any]:
+    """``key=value`` arguments as keyword arguments (values parsed as YAML)."""
+    from accord.config import apply_overrides
+
+    try:
+        return apply_overrides({}, options or [], source=source)
+    except ConfigError as exc:
+        _user_error(exc)
 
 
 @data_app.command("check")
@@ -221,11 +251,9 @@ def data_check(
 
         accord data check superflow /data/nuscenes version=v1.0-trainval 'splits=[train, val]'
     """
-    from accord.config import apply_overrides
-
     comp = _dataset_component(plugin, dataset)
+    kwargs = _plugin_options(options, "accord data check")
     try:
-        kwargs = apply_overrides({}, options or [], source="accord data check")
         problems = comp.extra["check"](root, **kwargs)
     except UserError as exc:
         _user_error(exc)
@@ -237,6 +265,38 @@ def data_check(
         err_console.print(f"{len(problems)} problem(s) in {root}", highlight=False)
         raise typer.Exit(1)
     typer.echo(f"{root}: OK ({comp.qualname})")
+
+
+@data_app.command("convert")
+def data_convert(
+    plugin: str = typer.Argument(..., help="plugin whose format to convert"),
+    source: Path = typer.Argument(..., help="the dataset as distributed (e.g. an MS-CXR root)"),
+    out_dir: Path = typer.Argument(..., help="output directory for the files training reads"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="dataset format, if the plugin has several"),
+    options: List[str] = typer.Argument(None, help="the converter's options as key=value (e.g. images=/data/jpg)"),
+) -> None:
+    """Convert a dataset as distributed into the files a plugin trains on; refuses data with problems.
+
+    Examples:
+
+        accord data convert medrpg /data/ms-cxr data/mscxr images=/data/mimic-cxr-jpg
+
+        accord data synth medrpg data/synth && accord data convert medrpg data/synth data/synth-jsonl
+    """
+    comp = _dataset_component(plugin, dataset)
+    convert = comp.extra.get("convert")
+    if convert is None:
+        _fail(f"{comp.qualname} has no converter: its training reads the data as distributed")
+    kwargs = _plugin_options(options, f"accord data convert {plugin}")
+    try:
+        summary = convert(source, out_dir, **kwargs)
+    except OSError as exc:
+        _user_error(exc, f"{exc.filename or out_dir}: cannot write the converted dataset ({exc.strerror or exc})")
+    except (UserError, ValueError) as exc:
+        _user_error(exc)
+    except TypeError as exc:  # an option the plugin's converter does not take
+        _user_error(exc, f"accord data convert {plugin}: {exc}")
+    typer.echo(summary)
 
 
 @app.command("benchmark", context_settings={"ignore_unknown_options": True})

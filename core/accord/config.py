@@ -130,7 +130,12 @@ class TrainerConfig(StrictModel):
     )
     sgd_momentum: float = Field(0.9, ge=0, lt=1)
     warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    lr_drop_steps: list[int] = Field(
+        [], description="schedule step: optimizer steps after which the lr is multiplied by lr_drop_factor "
+        "(torch's MultiStepLR milestones, in steps)"
+    )
+    lr_drop_factor: float = Field(0.1, gt=0, le=1, description="schedule step: factor applied at each lr_drop_steps")
     grad_clip_norm: float | None = Field(None, gt=0, description="largest gradient norm (None: no clipping)")
     grad_clip_mode: Literal["global", "per_tensor"] = Field(
         "global",
@@ -196,6 +201,10 @@ class TrainerConfig(StrictModel):
             )
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.lr_drop_steps and self.schedule != "step":
+            raise ValueError(f"lr_drop_steps is set but schedule is {self.schedule!r}; use schedule: step")
+        if sorted(set(self.lr_drop_steps)) != self.lr_drop_steps or any(s < 1 for s in self.lr_drop_steps):
+            raise ValueError(f"lr_drop_steps {self.lr_drop_steps} must be increasing positive step counts")
         return self
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda:LOCAL_RANK when CUDA is available, else cpu"

@@ -16,10 +16,12 @@ The signatures of the ``register`` callables are:
   ``config`` is a pydantic model class (subclass of :class:`accord.config.RunConfig`).
 * models: ``register(name, factory, *, description="")``; ``factory(run_config, **model_options)
   -> nn.Module`` rebuilds a trained model (see :func:`accord.runs.load_run`).
-* datasets: ``register(name, *, synth, check, description="")`` where ``synth(out_dir, **options)``
-  writes a small sample dataset in the exact on-disk format, and ``check(root) -> list[Problem]``
-  validates a user's dataset (see :class:`accord.registry.Problem`).
-* benchmarks: ``register(name, run, *, config, kind="pipeline", description="")`` where
+* datasets: ``register(name, *, synth, check, convert=None, description="")`` where
+  ``synth(out_dir, **options)`` writes a small sample dataset in the exact on-disk format,
+  ``check(root, **options) -> list[Problem]`` validates a user's dataset (see
+  :class:`accord.registry.Problem`) and the optional ``convert(source, out_dir, **options) -> str``
+  turns the dataset as distributed into the files training reads, returning a one-line summary.
+* benchmarks: ``register(name, run, *, config, kind="pipeline", default=False, description="")`` where
   ``run(config) -> BenchmarkResult`` (:mod:`accord.benchmarking`), ``config`` subclasses
   :class:`accord.config.BenchmarkConfig` and ``kind`` is ``"pipeline"`` or ``"speed"``.
 * config schemas: ``register(name, model)`` with a pydantic model class (``extra="forbid"``).
@@ -101,12 +103,16 @@ def register_datasets(register: Callable[..., None]) -> None:
     """Register on-disk dataset formats with a checker and a sample generator.
 
     Args:
-        register: ``register(name, *, synth, check, description="")``. ``synth(out_dir)`` writes a
-            small sample dataset in the exact real on-disk format and returns its root;
-            ``check(root, **options)`` returns a list of :class:`accord.registry.Problem` (empty
-            when valid); ``options`` (from ``accord data check PLUGIN DIR key=value``) name what
-            the data must serve, e.g. a dataset version, and the checker may take none.
-            ``accord data synth PLUGIN OUT`` and ``accord data check PLUGIN DIR`` use them.
+        register: ``register(name, *, synth, check, convert=None, description="")``.
+            ``synth(out_dir, **options)`` writes a small sample dataset in the exact real on-disk
+            format and returns its root (options: ``accord data synth PLUGIN OUT key=value``, e.g.
+            a case count); ``check(root, **options)`` returns a list of
+            :class:`accord.registry.Problem` (empty when valid); ``options`` (from ``accord data
+            check PLUGIN DIR key=value``) name what the data must serve, e.g. a dataset version, and
+            the checker may take none. ``convert(source, out_dir, **options) -> str``, for formats
+            that training reads only after a conversion (``accord data convert PLUGIN SRC OUT
+            key=value``), writes the converted files, refuses data with problems (a
+            :class:`accord.errors.UserError` listing them) and returns a one-line summary.
 
     .. versionadded:: 0.1
     """
@@ -117,7 +123,7 @@ def register_benchmarks(register: Callable[..., None]) -> None:
     """Register benchmarks: ``accord benchmark PLUGIN [NAME]`` and ``accord benchmark PLUGIN --speed NAME``.
 
     Args:
-        register: ``register(name, run, *, config, kind="pipeline", description="")``.
+        register: ``register(name, run, *, config, kind="pipeline", default=False, description="")``.
             ``run(config)`` receives a validated instance of ``config`` (a
             :class:`accord.config.BenchmarkConfig` subclass: ``data``, ``quick``, ``seeds`` plus the
             benchmark's own options) and returns an :class:`accord.benchmarking.BenchmarkResult`
@@ -128,8 +134,9 @@ def register_benchmarks(register: Callable[..., None]) -> None:
             ``kind="pipeline"``: the plugin's end-to-end comparison (pretrained vs other
             initialisations on a downstream task), usually
             :func:`accord.benchmarking.run_pipeline` on a plugin's
-            :class:`~accord.benchmarking.PipelineSpec`; ``accord benchmark PLUGIN`` runs it and
-            ``accord demo`` runs its ``quick`` version. ``kind="speed"``: a measurement of
+            :class:`~accord.benchmarking.PipelineSpec`; ``accord benchmark PLUGIN`` runs it (of
+            several, the one registered with ``default=True``; the others by name) and ``accord
+            demo`` runs the ``quick`` version of each. ``kind="speed"``: a measurement of
             throughput, memory or a component's quality, run by ``accord benchmark PLUGIN --speed
             NAME`` (``--speed`` alone lists them).
 

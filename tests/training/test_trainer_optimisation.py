@@ -230,3 +230,18 @@ def test_lr_multiplier_errors_name_the_pattern(tmp_path: Path) -> None:
         validate_config(TrainerConfig, {"lr_multipliers": {"head": 0}}, "cfg.yaml")
     with pytest.raises(ValueError, match=r"trainer.lr_multipliers pattern '\^head' matches no trainable parameter"):
         parameter_groups(_LinearLoss(), TrainerConfig(lr_multipliers={"^head": 2}))
+
+
+def test_step_schedule_drops_the_lr_like_torch_multisteplr() -> None:
+    config = TrainerConfig(max_steps=10, lr=0.5, schedule="step", lr_drop_steps=[3, 6], lr_drop_factor=0.1)
+    parameter = torch.nn.Parameter(torch.zeros(()))
+    optimizer = torch.optim.SGD([parameter], lr=0.5)
+    reference = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[3, 6], gamma=0.1)
+    for step in range(10):
+        assert learning_rate_at(step, config) == pytest.approx(optimizer.param_groups[0]["lr"]), step
+        optimizer.step()
+        reference.step()
+    with pytest.raises(ValueError, match="lr_drop_steps is set but schedule is 'cosine'"):
+        TrainerConfig(max_steps=10, lr_drop_steps=[3])
+    with pytest.raises(ValueError, match="must be increasing positive step counts"):
+        TrainerConfig(max_steps=10, schedule="step", lr_drop_steps=[6, 3])
