@@ -1,7 +1,8 @@
 """Benchmarks of the medssl plugin (registered in :mod:`accord_medssl.plugin`).
 
 * ``segmentation`` (pipeline, ``accord benchmark medssl``): Alice pretraining vs random
-  initialisation, SwinUNETR fine-tuning over label fractions and seeds (:func:`segmentation`);
+  initialisation over label fractions and seeds, by two protocols: SwinUNETR fine-tuning, and a
+  frozen-feature probe (a linear voxel classifier on the frozen network) (:func:`segmentation`);
 * ``pretraining_speed``, ``loader_throughput``, ``anatomy_matching`` (``accord benchmark medssl
   --speed NAME``): pretraining steps per second with peak memory, data-loader throughput (uncached
   vs MONAI's disk cache), and how well anatomy embeddings match anatomy.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch.utils.data import DataLoader, Dataset
@@ -25,8 +27,14 @@ from torch.utils.data import DataLoader, Dataset
 from accord.benchmarking import BenchmarkResult, DownstreamRun, Group, PipelineSpec, ResultTable, preset, run_pipeline
 from accord.config import BenchmarkConfig, ParameterFreeze, TrainerConfig
 from accord.runs import run_task
+from accord.utils.timing import Timing, machine_state, ratio, time_alternating, torch_threads
 from accord_medssl.alice import AliceOptions
-from accord_medssl.anatomy import AnatomyEmbeddingModel, AnatomyPretrainingOptions, AnatomySearchIndex
+from accord_medssl.anatomy import (
+    AnatomyEmbeddingModel,
+    AnatomyPretrainingOptions,
+    AnatomySearchIndex,
+    crop_with_zero_padding,
+)
 from accord_medssl.anatomy.evaluation import (
     ACCEPTANCE_CRITERIA,
     MatchOutcomes,
@@ -39,7 +47,7 @@ from accord_medssl.data.phantom import DEFAULT_SHAPE, synth
 from accord_medssl.data.pipeline import build_dataset
 from accord_medssl.finetune import EvaluateConfig, FinetuneConfig, SplitOptions
 from accord_medssl.models import SwinUNETRBackboneOptions
-from accord_medssl.probe import VoxelProbeOptions
+from accord_medssl.probe import FrozenProbeConfig, FrozenProbeOptions, VoxelProbeOptions, frozen_probe
 from accord_medssl.tasks import ALICE_PROTOTYPES, PretrainConfig
 from accord_medssl.views import AnatomyViewOptions, AnatomyViewPairs, MiningOptions
 
@@ -49,12 +57,15 @@ __all__ = [
     "AnatomyMatchingConfig",
     "LoaderThroughputConfig",
     "MedsslBenchmarkConfig",
+    "MiningSpeedConfig",
     "PretrainingSpeedConfig",
     "anatomy_matching",
     "loader_throughput",
+    "mining_speed",
     "pretraining_speed",
     "run_anatomy_matching",
     "run_loader_throughput",
+    "run_mining_speed",
     "run_pretraining_speed",
     "segmentation",
 ]
@@ -64,10 +75,18 @@ __all__ = [
 
 
 class MedsslBenchmarkConfig(BenchmarkConfig):
-    """``accord benchmark medssl [--quick] [--data MSD_DIR] [--method alice]``: the ``segmentation`` benchmark."""
+    """``accord benchmark medssl segmentation [--quick] [--data MSD_DIR] [--method alice]``: :func:`segmentation`."""
 
     method: Literal["alice"] = Field("alice", description="the pretraining compared with random initialisation")
     label_fractions: list[float] = Field([0.1, 1.0], min_length=1, description="shares of the train cases with labels")
+    protocols: list[Literal["finetune", "frozen_probe"]] = Field(
+        ["finetune", "frozen_probe"], min_length=1,
+        description="finetune: the whole SwinUNETR trained; frozen_probe: a linear voxel classifier on the frozen one",
+    )
+    finetune_label_fractions: list[float] | None = Field(
+        None, min_length=1, description="label fractions of the finetune protocol (None: label_fractions; quick: the "
+        "largest of label_fractions, as one fine-tuning run costs more than all the frozen probes together)",
+    )
     anatomy_steps: int | None = Field(None, ge=1, description="anatomy-embedding steps (None: the variant's)")
     alice_steps: int | None = Field(None, ge=1, description="Alice pretraining steps (None: the variant's)")
     finetune_steps: int | None = Field(
@@ -102,6 +121,9 @@ class _Scale:
     anatomy_trainer: TrainerConfig
     alice_trainer: TrainerConfig
     finetune_trainer: TrainerConfig
+    #: FinetuneConfig fields besides the network, data, split, crop and trainer.
+    finetune: dict[str, Any]
+    frozen_probe: FrozenProbeOptions
     split: SplitOptions
     anatomy_probe: VoxelProbeOptions | None
     alice_probe: VoxelProbeOptions | None
@@ -120,7 +142,14 @@ QUICK = _Scale(
     alice_trainer=TrainerConfig(max_steps=20, batch_size=2, lr=5e-4, warmup_steps=5, grad_clip_norm=3.0, ema_momentum=0.99,
                                 freeze_parameters=ParameterFreeze(pattern=ALICE_PROTOTYPES, steps=5),
                                 checkpoint_every=20, log_every=10),
-    finetune_trainer=TrainerConfig(max_steps=50, batch_size=1, lr=1e-3, warmup_steps=5, validate_every=25, keep_last=1, log_every=25),
+    # What kept the small organs out of reach: the background is 94 % of the phantoms' voxels, so an
+    # unweighted loss learns the liver (3 %) and rarely spleen or kidneys (0.3-0.5 %) even in 300
+    # steps; with class weights at lr 3e-3 they appear only after 150-300 steps, at 1e-2 by step
+    # 110, the left kidney (the last) in some seeds only after 120.
+    finetune_trainer=TrainerConfig(max_steps=150, batch_size=1, lr=1e-2, warmup_steps=5, validate_every=30, keep_last=1,
+                                   log_every=30),
+    finetune={"class_weights": "inverse_sqrt_frequency"},
+    frozen_probe=FrozenProbeOptions(),
     split=SplitOptions(validation_fraction=0.2, test_fraction=0.3),
     anatomy_probe=VoxelProbeOptions(every=50),
     alice_probe=VoxelProbeOptions(every=10),
@@ -137,6 +166,8 @@ FULL = _Scale(
                                 grad_clip_norm=3.0, checkpoint_every=500),
     finetune_trainer=TrainerConfig(max_steps=1000, batch_size=1, lr=1e-4, weight_decay=1e-5, warmup_steps=20,
                                    validate_every=100, checkpoint_every=250, keep_last=1),
+    finetune={},
+    frozen_probe=FrozenProbeOptions(),
     split=SplitOptions(),
     anatomy_probe=VoxelProbeOptions(every=250),
     alice_probe=VoxelProbeOptions(every=250),
@@ -152,17 +183,27 @@ PAPER = ResultTable(
 )
 
 
+#: How the tables name the protocols.
+PROTOCOL_TITLES = {"finetune": "fine-tune", "frozen_probe": "frozen probe"}
+
+
 def segmentation(cfg: MedsslBenchmarkConfig) -> BenchmarkResult:
-    """Alice pretraining vs random initialisation, fine-tuned on each label fraction over seeds.
+    """Alice pretraining vs random initialisation, by two protocols, on each label fraction over seeds.
 
-    Pretraining is the anatomy-embedding stage, then Alice mining with it; then per label
-    fraction, initialisation and seed a fine-tuning run (best validation weights) scored on the
-    test cases by ``evaluate`` (``downstream/<fraction>/<init>_seed<s>/``). Without ``data`` it
-    synthesises phantoms; ``quick`` shrinks everything to a few minutes on CPU.
+    Pretraining is the anatomy-embedding stage, then Alice mining with it. Then per protocol, label
+    fraction, initialisation and seed one run (``downstream/<protocol>_<percent>/<init>_seed<s>/``):
 
-    The quick run pretrains once per seed (``pretrain/seed<s>/``): both stages take about 25 s of
-    its 1.5-2 minutes on two idle cores. The full variant pretrains once (``pretrain/``): each
-    pretraining is 4,000 GPU steps, and every seed's fine-tuning starts from the same checkpoint.
+    - ``finetune``: the whole SwinUNETR trained (best validation weights) and scored on the test
+      cases by ``evaluate``;
+    - ``frozen_probe``: :func:`~accord_medssl.probe.frozen_probe`, the network fine-tuning would
+      start from kept frozen, a linear voxel classifier (1x1x1 convolution) on its last decoder
+      block and decoder tokens fitted on the same labelled cases and scored on the same test
+      cases: what the pretrained features alone are worth.
+
+    Without ``data`` it synthesises phantoms; ``quick`` shrinks everything to a few minutes on CPU.
+    The quick run pretrains once per seed (``pretrain/seed<s>/``). The full variant pretrains once
+    (``pretrain/``): each pretraining is 4,000 GPU steps, and every seed's runs start from the same
+    checkpoint.
     """
     scale = QUICK if cfg.quick else FULL
     anatomy_trainer, alice_trainer, finetune_trainer = cfg.trainers(scale)
@@ -180,24 +221,46 @@ def segmentation(cfg: MedsslBenchmarkConfig) -> BenchmarkResult:
                                         trainer=alice_trainer, probe=scale.alice_probe))
         return Path(alice["checkpoint"])
 
-    def finetune_and_evaluate(run: DownstreamRun) -> dict[str, Any]:
-        shared = {"plugin": cfg.plugin, "data": run.data, "cache_dir": cache_dir, "seed": run.seed}
-        tuned = run_task(FinetuneConfig(**shared, task="finetune", run_dir=run.run_dir, checkpoint=run.checkpoint,
-                                        backbone=scale.backbone, label_fraction=run.group.label, split=scale.split,
-                                        crop_size=scale.crop_size, trainer=finetune_trainer))
-        scores = run_task(EvaluateConfig(**shared, task="evaluate", run_dir=run.run_dir / "evaluate",
-                                         checkpoint=tuned["weights"]))
-        return {"dice": scores["dice"], "dice_per_class": scores["dice_per_class"], "best_step": tuned["best_step"],
-                "labelled_cases": tuned["labelled_cases"]}
+    def downstream(run: DownstreamRun) -> dict[str, Any]:
+        protocol, fraction = run.group.options
+        shared = {"plugin": cfg.plugin, "data": run.data, "cache_dir": cache_dir, "seed": run.seed,
+                  "checkpoint": run.checkpoint, "backbone": scale.backbone, "label_fraction": fraction,
+                  "split": scale.split, "crop_size": scale.crop_size}
+        if protocol == "frozen_probe":
+            scores = frozen_probe(FrozenProbeConfig(**shared, run_dir=run.run_dir, probe=scale.frozen_probe))
+            return {"protocol": protocol, "label_fraction": fraction, **scores}
+        tuned = run_task(FinetuneConfig(**shared, task="finetune", run_dir=run.run_dir, trainer=finetune_trainer,
+                                        **scale.finetune))
+        scores = run_task(EvaluateConfig(**{key: shared[key] for key in ("plugin", "data", "cache_dir", "seed")},
+                                         task="evaluate", run_dir=run.run_dir / "evaluate", checkpoint=tuned["weights"]))
+        return {"protocol": protocol, "label_fraction": fraction, "dice": scores["dice"],
+                "dice_per_class": scores["dice_per_class"], "best_step": tuned["best_step"],
+                "labelled_cases": tuned["labelled_cases"], "class_weights": tuned["class_weights"]}
 
+    fractions = {"finetune": preset(cfg, "finetune_label_fractions", [max(cfg.label_fractions)])
+                             or cfg.label_fractions,
+                 "frozen_probe": cfg.label_fractions}
+
+    def groups(data: Path) -> list[Group]:
+        return [Group(f"{PROTOCOL_TITLES[protocol]}, {100 * fraction:g}% labels", (protocol, fraction))
+                for protocol in cfg.protocols for fraction in fractions[protocol]]
+
+    weights = scale.finetune.get("class_weights", "none")
+    notes = [
+        f"fine-tune: every SwinUNETR weight trained, {finetune_trainer.max_steps} steps at lr {finetune_trainer.lr:g} "
+        f"(DiceCE, class weights: {weights}), the best validation Dice kept, scored on the test cases.",
+        "frozen probe: the same network frozen (Alice's student, or the random weights fine-tuning starts from); "
+        "a linear voxel classifier (a 1x1x1 convolution, the pretraining runs' online probe) on its last decoder "
+        f"block and upsampled decoder tokens, fitted on {scale.frozen_probe.voxels_per_class} voxels per class of "
+        f"each labelled case, scored on up to {scale.frozen_probe.test_voxels:,} voxels of each test case, pooled.",
+    ]
     return run_pipeline(cfg, PipelineSpec(
         title=f"medssl: {cfg.method} pretraining vs random initialisation, SwinUNETR segmentation",
         dataset="medssl.msd", synth_options={"seed": cfg.seed, **scale.phantoms},
-        pretrain=pretrain, downstream=finetune_and_evaluate,
-        groups=lambda data: [Group(fraction) for fraction in cfg.label_fractions],
+        pretrain=pretrain, downstream=downstream, groups=groups, group="protocol, labels",
         metric="dice", metric_title="mean test Dice (%)", inits=("random", cfg.method), pretrained_init=cfg.method,
         seed_independent_pretraining=not cfg.quick, per_class_key="dice_per_class",
-        per_class_title="Per-class test Dice (%), mean ± std over seeds", paper=PAPER,
+        per_class_title="Per-class test Dice (%), mean ± std over seeds", paper=PAPER, notes=tuple(notes),
     ))
 
 
@@ -222,12 +285,15 @@ def loader_throughput(
     num_workers: int = 0,
     num_cases: int = 8,
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
-) -> dict[str, float]:
+    repeats: int = 3,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Volumes per second through the preprocessing pipeline: uncached, disk-cache cold and warm.
 
-    Three passes over the training split: plain decoding (what every epoch costs without a cache),
-    the first pass of a fresh disk cache (decode + preprocess + write), and its second pass (read
-    the preprocessed tensors back).
+    Passes over the training split: the first pass of a fresh disk cache (decode + preprocess +
+    write, once), then ``repeats`` rounds alternating a plain decoding pass (what every epoch costs
+    without a cache) with a warm cache pass (read the preprocessed tensors back). Rates are at the
+    median pass time, with the slowest and fastest pass in brackets.
 
     Args:
         root: an MSD dataset; ``None`` synthesises ``num_cases`` phantoms of ``shape`` in a
@@ -236,12 +302,17 @@ def loader_throughput(
         num_workers: DataLoader worker processes.
         num_cases: phantoms to synthesise when ``root`` is None.
         shape: phantom shape when ``root`` is None.
+        repeats: alternated uncached / warm-cache rounds.
+        threads: torch threads while timing (None: torch's default).
 
     Returns:
-        ``volumes``, ``uncached_volumes_per_s``, ``cold_volumes_per_s``,
-        ``cached_volumes_per_s``, ``cache_speedup`` (cached over uncached) and ``cache_mb``.
+        ``volumes``, ``uncached_volumes_per_s`` and ``cached_volumes_per_s`` (at the median pass
+        time), ``cold_volumes_per_s``, ``cache_speedup`` (ratio of the median pass times),
+        ``uncached_pass`` / ``cached_pass`` (median (min-max) seconds), ``cache_speedup_per_round``
+        (with the range of the per-round ratios), ``cache_mb`` and ``machine`` (threads and load).
     """
-    with tempfile.TemporaryDirectory(prefix="medssl-bench-") as scratch:
+
+    with tempfile.TemporaryDirectory(prefix="medssl-bench-") as scratch, torch_threads(threads):
         scratch_dir = Path(scratch)
         if root is None:
             root = synth(scratch_dir / "data", num_train=num_cases, num_test=0, shape=shape)
@@ -250,19 +321,24 @@ def loader_throughput(
         uncached_dataset = build_dataset(items, cache="none", spacing=spacing)
         # One untimed read, so lazy imports and first-call set-up do not count against a pass.
         uncached_dataset[0]
-        uncached = _epoch_seconds(uncached_dataset, num_workers)
         disk = build_dataset(items, cache="disk", cache_dir=cache_dir, spacing=spacing)
         cold = _epoch_seconds(disk, num_workers)
-        cached = _epoch_seconds(disk, num_workers)
+        timings = time_alternating({"uncached": lambda: _epoch_seconds(uncached_dataset, num_workers),
+                                    "cached": lambda: _epoch_seconds(disk, num_workers)}, repeats=repeats, warmup=0)
         cache_bytes = sum(path.stat().st_size for path in cache_dir.iterdir())
+        state = machine_state()
     volumes = len(items)
     return {
         "volumes": volumes,
-        "uncached_volumes_per_s": volumes / uncached,
+        "uncached_volumes_per_s": volumes / timings["uncached"].median,
         "cold_volumes_per_s": volumes / cold,
-        "cached_volumes_per_s": volumes / cached,
-        "cache_speedup": uncached / cached,
+        "cached_volumes_per_s": volumes / timings["cached"].median,
+        "cache_speedup": timings["uncached"].median / timings["cached"].median,
+        "uncached_pass": timings["uncached"].describe(1.0, "s"),
+        "cached_pass": timings["cached"].describe(1.0, "s"),
+        "cache_speedup_per_round": ratio(timings["uncached"], timings["cached"]),
         "cache_mb": cache_bytes / 2**20,
+        "machine": state,
     }
 
 
@@ -276,7 +352,8 @@ def pretraining_speed(
     options: dict[str, Any] | None = None,
     num_cases: int = 4,
     device: Literal["auto", "cpu", "cuda"] = "auto",
-) -> dict[str, float]:
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Optimizer steps per second and peak memory of ``pretrain`` on synthesised phantoms.
 
     Each step is a full trainer step: view cutting (and, for Alice, anatomy matching against cached
@@ -294,11 +371,13 @@ def pretraining_speed(
             defaults, i.e. the reference sizes (SwinUNETR feature size 48, 512 prototypes).
         num_cases: phantoms of 96 x 96 x 64 voxels to cut the views from.
         device: the trainer's device.
+        threads: torch threads (None: torch's default).
 
     Returns:
-        ``steps_per_s`` and ``seconds_per_step`` (timed steps), ``peak_memory_mb``: on CUDA the
-        peak allocated by torch, on the CPU the peak resident size of the whole process (run it in
-        a fresh process), ``device``.
+        ``steps_per_s`` (at the median step time), ``seconds_per_step`` (median (min-max) over
+        the timed steps), ``peak_memory_mb``: on CUDA the peak allocated by torch, on the CPU the
+        peak resident size of the whole process (run it in a fresh process), ``device`` and
+        ``machine`` (threads and load).
     """
     from accord.training.progress import read_metrics
 
@@ -318,19 +397,22 @@ def pretraining_speed(
         cuda = torch.cuda.is_available() and device != "cpu"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        run_task(PretrainConfig(**shared, **timed))
+        with torch_threads(threads):
+            run_task(PretrainConfig(**shared, **timed))
+            state = machine_state()
         records = read_metrics(scratch_dir / method / "metrics.jsonl")[warmup_steps:]
-    seconds = sum(batch_size / record["samples_per_s"] for record in records)
+    timing = Timing(tuple(batch_size / record["samples_per_s"] for record in records))
     if cuda:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         # ru_maxrss is in KiB on Linux.
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
-        "steps_per_s": len(records) / seconds,
-        "seconds_per_step": seconds / len(records),
+        "steps_per_s": 1 / timing.median,
+        "seconds_per_step": timing.describe(1.0, "s"),
         "peak_memory_mb": peak_mb,
         "device": "cuda" if cuda else "cpu",
+        "machine": state,
     }
 
 
@@ -558,7 +640,202 @@ def anatomy_matching(
         f"medssl: anatomy matching of embeddings trained {steps} steps at the quick scale ({', '.join(datasets)})",
         [ResultTable("Matching", header, lines), ResultTable("Acceptance criteria", criteria_header, criteria_lines)],
         rows=rows,
+        # The one timing here (train_seconds, a single run per variant) is read with the machine's state.
+        notes=[f"Machine: {machine_state()}."],
     )
+
+
+# --- Alice view mining at dataset scale --------------------------------------------------------------
+
+
+def _reference_read_info(path: Path) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """The reference's ``read_info``: a whole NIfTI read (header and voxels) for its spacing and shape."""
+    import nibabel
+
+    image = nibabel.load(path)
+    return tuple(float(size) for size in image.header.get_zooms()[:3]), np.asanyarray(image.dataobj).shape
+
+
+def _reference_find_point(query: dict[str, Any], key: dict[str, Any], point: torch.Tensor,
+                          stride: int) -> tuple[torch.Tensor, float]:
+    """The reference's ``find_point_in_vol`` (medssl §1.3) on its pickled embedding dicts: upsample
+    both coarse maps to their fine grids and re-normalise (on every call), take the query's vectors
+    at its fine cell, then 1 x 1 x 1 convolutions over the key's maps and the argmax."""
+    import torch.nn.functional as F
+
+    def maps(embedding: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        fine = torch.from_numpy(embedding["fine_emb"]).float()
+        coarse = F.interpolate(torch.from_numpy(embedding["coarse_emb"]).float(), fine.shape[2:], mode="trilinear",
+                               align_corners=False)
+        return F.normalize(coarse, dim=1), fine
+
+    query_coarse, query_fine = maps(query)
+    cell = tuple((point // stride).tolist())
+    coarse_vector = query_coarse[(0, slice(None), *cell)]
+    fine_vector = query_fine[(0, slice(None), *cell)]
+    key_coarse, key_fine = maps(key)
+    similarity = (F.conv3d(key_fine, fine_vector[None, :, None, None, None])
+                  + F.conv3d(key_coarse, coarse_vector[None, :, None, None, None]))[0, 0].flatten() / 2
+    score, best = similarity.max(dim=0)
+    cells = torch.stack(torch.unravel_index(best, key_fine.shape[2:]))
+    matched = torch.minimum((cells * stride + 0.5).long(), torch.tensor(key["im_shape"]) - 1)
+    return matched, float(score)
+
+
+@dataclass(frozen=True)
+class _MiningCase:
+    """One volume of the mining benchmark: its name, NIfTI path and windowed ``(1, D, H, W)`` image."""
+
+    name: str
+    path: Path
+    image: torch.Tensor
+
+
+def _reference_mine(query: _MiningCase, anchor: _MiningCase, embed_dir: Path, crop_size: Sequence[int],
+                    threshold: float, max_attempts: int, stride: int, generator: torch.Generator) -> dict[str, Any]:
+    """One pair along the reference's data path (engine_pretrain.py + interfaces.py, medssl §1.3).
+
+    Per pair: both pickled embedding dicts are loaded; per try: a random foreground voxel, the
+    three whole-NIfTI ``read_info`` reads, and :func:`_reference_find_point`, until the score
+    exceeds ``threshold`` or ``max_attempts`` tries were made; then the two crops.
+    """
+    query_embedding = np.load(embed_dir / f"{query.name}.npy", allow_pickle=True).item()
+    anchor_embedding = np.load(embed_dir / f"{anchor.name}.npy", allow_pickle=True).item()
+    foreground = (query.image[0] > 0).flatten().nonzero().squeeze(1)
+    tries, score = 0, -math.inf
+    while tries < max_attempts and score <= threshold:
+        flat = foreground[torch.randint(foreground.numel(), (), generator=generator)]
+        point = torch.stack(torch.unravel_index(flat, query.image.shape[1:]))
+        for path in (query.path, anchor.path, query.path):
+            _reference_read_info(path)
+        matched, score = _reference_find_point(query_embedding, anchor_embedding, point, stride)
+        tries += 1
+    size = torch.tensor(tuple(crop_size))
+    crop_with_zero_padding(query.image, (point - size // 2).tolist(), crop_size)
+    crop_with_zero_padding(anchor.image, (matched - size // 2).tolist(), crop_size)
+    return {"tries": tries, "accepted": score > threshold, "score": score}
+
+
+def mining_speed(
+    num_volumes: int = 120,
+    *,
+    shape: tuple[int, int, int] = (64, 64, 48),
+    crop_size: int = 32,
+    pairs_per_round: int = 8,
+    repeats: int = 5,
+    train_steps: int = 30,
+    threshold: float = 0.7,
+    max_attempts: int = 100,
+    threads: int | None = 1,
+    seed: int = 0,
+) -> BenchmarkResult:
+    """Alice view mining at dataset scale: accord's miner against the reference's data path.
+
+    ``num_volumes`` phantoms are synthesised and windowed by the data pipeline; an anatomy
+    embedding is trained ``train_steps`` steps at the quick benchmark's scale (on 10 of them) and
+    embeds all of them. Its maps are written twice, untimed, as the two sides precompute them:
+
+    - the reference's per-case pickled dict (``{name}.npy`` with fp16 ``coarse_emb`` /
+      ``fine_emb``), read by :func:`_reference_mine` (two pickle loads per pair, three whole-NIfTI
+      reads per try, coarse maps upsampled on every try);
+    - accord's embedding store (one memory-mapped ``.anat`` per volume, normalised float16), read
+      by :class:`~accord_medssl.anatomy.AnatomicalViewMiner` through
+      :func:`~accord_medssl.anatomy.store_embedder`, with the reference's scoring and with the
+      ``nearest`` option.
+
+    Each round draws ``pairs_per_round`` random (query, anchor) pairs of different volumes over the
+    whole set; every implementation mines the same pairs in the same round, one after the other
+    (:func:`accord.utils.timing.time_alternating`), all in this process.
+
+    Returns:
+        A table of milliseconds per mined pair (median and min-max over rounds), tries per pair,
+        acceptance rate and speed-up over the reference, with the thread count and machine load.
+    """
+    from accord_medssl.anatomy import AnatomicalViewMiner, store_embedder
+
+    crop = (crop_size,) * 3
+    with tempfile.TemporaryDirectory(prefix="medssl-mining-") as scratch, torch_threads(threads):
+        scratch_dir = Path(scratch)
+        items = decathlon_items(synth(scratch_dir / "data", num_train=num_volumes, num_test=0, shape=shape, seed=seed))
+        dataset = build_dataset(items, cache="none")
+        cases = [_MiningCase(Path(item["image"]).name.split(".")[0], Path(item["image"]),
+                             dataset[index]["image"].as_subclass(torch.Tensor)) for index, item in enumerate(items)]
+        model = _train_embedding([case.image for case in cases[:10]], QUICK.anatomy_embedding, train_steps, seed,
+                                 scratch_dir / "anatomy")
+        embed_dir, store_dir = scratch_dir / "reference", scratch_dir / "store"
+        embed_dir.mkdir()
+        stride = model.local_stride
+        for case in cases:
+            embedding = model.embed_volume(case.image)
+            np.save(embed_dir / f"{case.name}.npy", {
+                "coarse_emb": embedding.global_map[None].numpy().astype(np.float16),
+                "fine_emb": embedding.local_map[None].numpy().astype(np.float16),
+                "im_norm_ratio": np.ones(3), "im_shape": tuple(case.image.shape[1:]),
+            }, allow_pickle=True)
+            AnatomySearchIndex.from_embedding(embedding).save(store_dir / f"{case.name}.anat")
+        store_mb = sum(path.stat().st_size for path in store_dir.iterdir()) / 2**20
+        reference_mb = sum(path.stat().st_size for path in embed_dir.iterdir()) / 2**20
+        miners = {scoring: AnatomicalViewMiner(store_embedder(store_dir), crop_size=crop, similarity_threshold=threshold,
+                                               max_attempts=max_attempts, scoring=scoring)
+                  for scoring in ("reference", "nearest")}
+        pair_generator = torch.Generator().manual_seed(seed)
+        outcomes: dict[str, list[dict[str, Any]]] = {"reference": [], "accord": [], "accord_nearest": []}
+        rounds: list[list[tuple[_MiningCase, _MiningCase]]] = []
+
+        def draw_round() -> list[tuple[_MiningCase, _MiningCase]]:
+            pairs = []
+            for _ in range(pairs_per_round):
+                first, second = torch.randperm(len(cases), generator=pair_generator)[:2].tolist()
+                pairs.append((cases[first], cases[second]))
+            rounds.append(pairs)
+            return pairs
+
+        def run_reference() -> None:
+            generator = torch.Generator().manual_seed(len(rounds))
+            pairs = draw_round()  # the reference runs first in each round and draws its pairs
+            for query, anchor in pairs:
+                outcomes["reference"].append(_reference_mine(query, anchor, embed_dir, crop, threshold, max_attempts,
+                                                             stride, generator))
+
+        def run_accord(scoring: str, name: str) -> None:
+            generator = torch.Generator().manual_seed(len(rounds))
+            for query, anchor in rounds[-1]:
+                mined = miners[scoring].mine([query.image], [anchor.image], [query.name], [anchor.name], generator)
+                outcomes[name].append({"tries": int(mined.attempts), "accepted": bool(mined.accepted),
+                                       "score": float(mined.scores)})
+
+        timings = time_alternating({
+            "reference": run_reference,
+            "accord": lambda: run_accord("reference", "accord"),
+            "accord_nearest": lambda: run_accord("nearest", "accord_nearest"),
+        }, repeats=repeats, warmup=1)
+        state = machine_state()
+    titles = {"reference": "reference data path (pickles, 3 NIfTI reads + upsampling per try)",
+              "accord": "accord, memory-mapped store, reference scoring",
+              "accord_nearest": "accord, memory-mapped store, nearest scoring"}
+    rows, lines = [], []
+    for name, timing in timings.items():
+        per_pair = timing.scaled(1 / pairs_per_round)
+        results = outcomes[name]
+        tries = [result["tries"] for result in results]
+        accepted = sum(result["accepted"] for result in results) / len(results)
+        rows.append({"path": name, **per_pair.summary(), "mean_tries": float(np.mean(tries)),
+                     "median_tries": float(np.median(tries)), "accepted": accepted,
+                     "mean_score": float(np.mean([result["score"] for result in results])), "pairs": len(results)})
+        lines.append([titles[name], per_pair.describe(1e3, "ms"), f"{np.mean(tries):.1f} ({np.median(tries):g})",
+                      f"{100 * accepted:.0f}", f"{np.mean([result['score'] for result in results]):.3f}",
+                      "1" if name == "reference" else ratio(timings["reference"], timing)])
+    header = ["path", "ms per mined pair, median (min-max)", "tries per pair, mean (median)",
+              f"accepted % (> {threshold})", "mean score", "speed-up over reference (per round)"]
+    notes = [f"{num_volumes} phantoms of {shape[0]} x {shape[1]} x {shape[2]} voxels, {crop_size}^3 crops, "
+             f"{repeats} rounds of {pairs_per_round} random pairs over the whole set (warm-up round untimed), "
+             f"threshold {threshold}, at most {max_attempts} tries (tries and acceptance over every mined pair, warm-up "
+             f"included); embeddings: {train_steps} training steps, "
+             f"store {store_mb:.1f} MB (normalised float16) vs reference pickles {reference_mb:.1f} MB.",
+             f"Machine: {state}."]
+    rows.append({"path": "machine", **state, "store_mb": store_mb, "reference_mb": reference_mb})
+    return BenchmarkResult(f"medssl: Alice view mining over {num_volumes} volumes, accord vs the reference data path",
+                           [ResultTable("Mining", header, lines)], rows=rows, notes=notes)
 
 
 # --- registered speed benchmarks: configs and runs ------------------------------------------------
@@ -574,6 +851,7 @@ class PretrainingSpeedConfig(BenchmarkConfig):
     warmup_steps: int = Field(2, ge=0, description="leading steps left out of the rate (quick: 1)")
     num_cases: int = Field(4, ge=1, description="phantoms to cut the views from")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch threads; None: torch's default")
 
 
 def run_pretraining_speed(cfg: PretrainingSpeedConfig) -> BenchmarkResult:
@@ -584,7 +862,7 @@ def run_pretraining_speed(cfg: PretrainingSpeedConfig) -> BenchmarkResult:
     values = pretraining_speed(cfg.method, crop_size=crop_size, batch_size=cfg.batch_size,
                                steps=preset(cfg, "steps", 3), warmup_steps=preset(cfg, "warmup_steps", 1),
                                options=quick_options if cfg.quick else None, num_cases=cfg.num_cases,
-                               device=cfg.device)
+                               device=cfg.device, threads=cfg.threads)
     return BenchmarkResult.measured(f"medssl: {cfg.method} pretraining speed, batch {cfg.batch_size} of {crop_size}^3",
                                     values)
 
@@ -597,13 +875,16 @@ class LoaderThroughputConfig(BenchmarkConfig):
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     num_cases: int = Field(8, ge=1, description="phantoms synthesised without --data (quick: 4 of 48 x 48 x 32)")
+    repeats: int = Field(3, ge=1, description="alternated uncached / warm-cache passes (quick: 2)")
+    threads: int | None = Field(None, ge=1, description="torch threads; None: torch's default")
 
 
 def run_loader_throughput(cfg: LoaderThroughputConfig) -> BenchmarkResult:
     """Uncached, cold and warm disk-cache passes over ``--data`` or synthesised phantoms."""
     values = loader_throughput(cfg.data, spacing=cfg.spacing, num_workers=cfg.num_workers,
                                num_cases=preset(cfg, "num_cases", 4),
-                               shape=QUICK.phantoms["shape"] if cfg.quick else DEFAULT_SHAPE)
+                               shape=QUICK.phantoms["shape"] if cfg.quick else DEFAULT_SHAPE,
+                               repeats=preset(cfg, "repeats", 2), threads=cfg.threads)
     return BenchmarkResult.measured("medssl: data-loader throughput, uncached vs MONAI disk cache", values)
 
 
@@ -622,3 +903,26 @@ def run_anatomy_matching(cfg: AnatomyMatchingConfig) -> BenchmarkResult:
     """About 10 minutes on two cores for both sets; quick: phantoms only, 30 steps."""
     return anatomy_matching(datasets=preset(cfg, "datasets", ["phantoms"]), steps=preset(cfg, "steps", 30),
                             num_points=preset(cfg, "num_points", 64), threshold=cfg.threshold, seed=cfg.seed)
+
+
+class MiningSpeedConfig(BenchmarkConfig):
+    """``accord benchmark medssl --speed mining``: :func:`mining_speed` (accord's miner vs the reference path)."""
+
+    num_volumes: int = Field(120, ge=2, description="phantoms synthesised (quick: 100 of 48 x 48 x 32)")
+    crop_size: int = Field(32, ge=4, description="edge of the cubic crops")
+    pairs_per_round: int = Field(8, ge=1, description="pairs mined by each implementation per timed round")
+    repeats: int = Field(5, ge=1, description="timed rounds (quick: 3)")
+    train_steps: int = Field(30, ge=1, description="anatomy-embedding training steps (quick: 20)")
+    threshold: float = Field(0.7, gt=-1, lt=1, description="acceptance threshold (the reference's 0.7)")
+    max_attempts: int = Field(100, ge=1, description="tries per pair before giving up")
+    threads: int | None = Field(1, ge=1, description="torch threads while timing; 1 gives stable ratios on a shared "
+                                                     "machine; None: torch's default")
+
+
+def run_mining_speed(cfg: MiningSpeedConfig) -> BenchmarkResult:
+    """About 3 minutes on two cores (phantoms, a short embedding training, then the timed rounds)."""
+    return mining_speed(preset(cfg, "num_volumes", 100),
+                        shape=QUICK.phantoms["shape"] if cfg.quick else (64, 64, 48), crop_size=cfg.crop_size,
+                        pairs_per_round=cfg.pairs_per_round, repeats=preset(cfg, "repeats", 3),
+                        train_steps=preset(cfg, "train_steps", 20), threshold=cfg.threshold,
+                        max_attempts=cfg.max_attempts, threads=cfg.threads, seed=cfg.seed)

@@ -20,26 +20,58 @@ the core :class:`~accord.training.OnlineProbe` every ``probe.every`` steps:
 
 - the metric: per-organ Dice and IoU on the scored voxels, background excluded from the means
   (``probe/dice``, ``probe/miou``, ``probe/dice/<organ>``), as fine-tuning's Dice.
+
+The benchmark's **frozen probe** (:func:`frozen_probe`, :class:`FrozenProbeConfig`) is the same
+probe on a downstream split: the SwinUNETR that fine-tuning would start from (an Alice student, or
+random weights) stays frozen, and the same linear voxel classifier, i.e. a 1x1x1 convolution on
+``decoder1`` plus the upsampled decoder tokens, is fitted on the labelled train cases of the
+fine-tuning split (``label_fraction`` of them) and scored on its test cases.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import SwinUNETR
 from pydantic import Field
 from torch import nn
+from torch.utils.data import Dataset
 
+from accord.config import StrictModel
 from accord.training import DenseProbeData, OnlineProbe, OnlineProbeOptions
+from accord.utils.files import write_text_atomically
 from accord_medssl.anatomy import AnatomyEmbeddingPretraining
 from accord_medssl.anatomy.grid import crop_with_zero_padding
-from accord_medssl.finetune import labelled_items
+from accord_medssl.data import require_valid
+from accord_medssl.finetune import (
+    SegmentationRunConfig,
+    finite_or_none,
+    initial_network,
+    labelled_items,
+    labelled_subset,
+    split_cases,
+)
 
 if TYPE_CHECKING:
     from accord_medssl.tasks import PretrainConfig
 
-__all__ = ["VoxelProbeOptions", "VoxelProbeSet", "alice_voxel_features", "anatomy_voxel_features", "voxel_probe"]
+__all__ = [
+    "FrozenProbeConfig",
+    "FrozenProbeOptions",
+    "VoxelProbeOptions",
+    "VoxelProbeSet",
+    "alice_voxel_features",
+    "anatomy_voxel_features",
+    "balanced_voxels",
+    "frozen_probe",
+    "swin_unetr_voxel_features",
+    "voxel_probe",
+]
 
 #: The label id of the background in MSD datasets.
 BACKGROUND = 0
@@ -54,26 +86,44 @@ class VoxelProbeOptions(OnlineProbeOptions):
     test_voxels: int = Field(5000, ge=1, description="voxels per crop it is scored on (uniform sample)")
 
 
-def alice_voxel_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Per-voxel features of an Alice model's student SwinUNETR (see the module docstring).
+def swin_unetr_voxel_features(network: SwinUNETR, images: torch.Tensor) -> torch.Tensor:
+    """Per-voxel features of a MONAI SwinUNETR: its last decoder block and its decoder tokens.
 
     Args:
-        model: an :class:`~accord_medssl.alice.AliceModel`.
+        network: any ``SwinUNETR`` (the output layer is run but not read).
+        images: ``(B, in_channels, D, H, W)``, sizes multiples of 32.
+
+    Returns:
+        ``(B, 9 * feature_size, D, H, W)``: the ``decoder1`` output (``feature_size`` channels, what
+        the output layer reads), then the ``decoder5`` output (stride 16, ``8 * feature_size``
+        channels: the decoder tokens of Alice's token loss) upsampled trilinearly.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [
+        getattr(network, name).register_forward_hook(
+            lambda module, inputs, output, name=name: captured.__setitem__(name, output))
+        for name in ("decoder1", "decoder5")
+    ]
+    try:
+        network(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    upsampled = F.interpolate(captured["decoder5"], size=images.shape[2:], mode="trilinear", align_corners=False)
+    return torch.cat([captured["decoder1"], upsampled], dim=1)
+
+
+def alice_voxel_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """:func:`swin_unetr_voxel_features` of an :class:`~accord_medssl.alice.AliceModel`'s student.
+
+    Args:
+        model: an Alice model.
         images: ``(B, 1, D, H, W)``, sizes multiples of 32.
 
     Returns:
-        ``(B, 9 * feature_size, D, H, W)``: ``decoder1`` output, then the upsampled decoder tokens.
+        ``(B, 9 * feature_size, D, H, W)``.
     """
-    backbone = model.backbone  # the student's
-    captured = []
-    hook = backbone.swin_unetr.decoder1.register_forward_hook(lambda module, inputs, output: captured.append(output))
-    try:
-        features = backbone(images)
-    finally:
-        hook.remove()
-    tokens = features.decoder_tokens.transpose(1, 2).reshape(len(images), -1, *features.decoder_grid)
-    upsampled = F.interpolate(tokens, size=images.shape[2:], mode="trilinear", align_corners=False)
-    return torch.cat([captured[0], upsampled], dim=1)
+    return swin_unetr_voxel_features(model.backbone.swin_unetr, images)
 
 
 def anatomy_voxel_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -88,6 +138,16 @@ def anatomy_voxel_features(model: nn.Module, images: torch.Tensor) -> torch.Tens
     """
     _, local_map = model.model(images)
     return F.interpolate(local_map, size=images.shape[2:], mode="trilinear", align_corners=False)
+
+
+def balanced_voxels(label: torch.Tensor, per_class: int, generator: torch.Generator) -> torch.Tensor:
+    """Flat indices of up to ``per_class`` random voxels of each class in ``label`` (any shape)."""
+    flat = label.flatten()
+    chosen = []
+    for value in flat.unique():
+        where = (flat == value).nonzero()[:, 0]
+        chosen.append(where[torch.randperm(len(where), generator=generator)[:per_class]])
+    return torch.cat(chosen)
 
 
 class VoxelProbeSet:
@@ -119,7 +179,7 @@ class VoxelProbeSet:
             part = "train" if index < fit_cases else "test"
             for _ in range(options.crops_per_case):
                 crop_image, crop_label = self._crop(image, label, cfg.crop_size, generator)
-                voxels = (self._balanced_voxels(crop_label, options.train_voxels_per_class, generator)
+                voxels = (balanced_voxels(crop_label, options.train_voxels_per_class, generator)
                           if part == "train" else torch.randperm(crop_label.numel(), generator=generator)[
                               : options.test_voxels])
                 self.crops[part].append((crop_image, crop_label.flatten()[voxels], voxels))
@@ -133,16 +193,6 @@ class VoxelProbeSet:
             torch.tensor(label.shape[1:]) // 2)
         start = [int(c) - s // 2 for c, s in zip(centre, size)]
         return crop_with_zero_padding(image, start, size), crop_with_zero_padding(label, start, size)[0].long()
-
-    @staticmethod
-    def _balanced_voxels(label: torch.Tensor, per_class: int, generator: torch.Generator) -> torch.Tensor:
-        """Flat indices of up to ``per_class`` random voxels of each class in ``label``."""
-        flat = label.flatten()
-        chosen = []
-        for value in flat.unique():
-            where = (flat == value).nonzero()[:, 0]
-            chosen.append(where[torch.randperm(len(where), generator=generator)[:per_class]])
-        return torch.cat(chosen)
 
     def extract(self, model: nn.Module) -> DenseProbeData:
         """Features and labels of the sampled voxels under ``model`` (any pretraining model of this plugin)."""
@@ -165,3 +215,94 @@ def voxel_probe(cfg: PretrainConfig) -> OnlineProbe:
     names = [probe_set.labels[index] for index in range(len(probe_set.labels))]
     return OnlineProbe(probe_set.extract, len(names), cfg.probe.every, class_names=names, background=BACKGROUND,
                        fit_steps=cfg.probe.fit_steps)
+
+
+class FrozenProbeOptions(StrictModel):
+    """Which voxels the frozen probe is fitted on and scored on, and its fit."""
+
+    voxels_per_class: int = Field(1000, ge=1, description="voxels per class and labelled case it is fitted on")
+    test_voxels: int = Field(100_000, ge=1, description="voxels per test case it is scored on (uniform sample; a "
+                             "smaller case is scored whole)")
+    fit_steps: int = Field(100, ge=1, description="L-BFGS iterations of the linear classifier")
+
+
+class FrozenProbeConfig(SegmentationRunConfig):
+    """The frozen probe of the ``segmentation`` benchmark: see :func:`frozen_probe`."""
+
+    task: str = "frozen_probe"
+    probe: FrozenProbeOptions = FrozenProbeOptions()
+
+
+def frozen_probe(cfg: FrozenProbeConfig) -> dict[str, Any]:
+    """Dice of a linear voxel classifier on a frozen SwinUNETR: the pretraining signal without fine-tuning.
+
+    The network is the one ``finetune`` would start from with the same config (the Alice
+    checkpoint's weights, or random ones drawn from ``cfg.seed``), frozen in eval mode. Each case
+    is run whole by sliding-window inference (``crop_size`` window, ``sliding_window`` blending)
+    through :func:`swin_unetr_voxel_features`. The linear classifier on those features (a 1x1x1
+    convolution: :func:`~accord.training.fit_linear_probe`, the online probe's, class-balanced) is
+    fitted on ``probe.voxels_per_class`` random voxels of each class in each labelled train case
+    (``label_fraction`` of the split's train cases, drawn as ``finetune`` draws them) and scored on
+    up to ``probe.test_voxels`` uniformly drawn voxels of each test case, pooled
+    (:func:`~accord.training.segmentation_scores`; background excluded from the mean). Voxels are
+    drawn from ``cfg.seed``. Writes ``<run_dir>/results.json``.
+
+    Returns:
+        ``dice`` (mean over the organs), ``dice_per_class`` ({organ: Dice or None}), ``miou``,
+        ``labelled_cases``, ``test_cases`` and ``initialisation`` (as ``finetune`` records it).
+
+    Raises:
+        ValueError: an invalid dataset (the check's messages), not a labelled MSD dataset, too few
+            cases, or pretrained weights that do not fit ``cfg.backbone``.
+    """
+    require_valid(cfg.data)
+    items, labels = labelled_items(cfg.data)
+    splits = split_cases(items, cfg.split)
+    train = labelled_subset(splits["train"], cfg.label_fraction, cfg.seed)
+    with torch.random.fork_rng():  # the seed's random weights, without moving the caller's generator
+        torch.manual_seed(cfg.seed)
+        network, _, initialisation = initial_network(cfg, num_classes=len(labels))
+    network = network.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def voxel_features(
+        model: SwinUNETR, volumes: Dataset, pick: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, C)`` features and ``(N,)`` labels of the voxels ``pick(flat labels)`` chooses in each case."""
+        device = next(model.parameters()).device
+        features, targets = [], []
+        for index in range(len(volumes)):
+            case = volumes[index]
+            image = case["image"].as_subclass(torch.Tensor)[None].to(device)
+            label = case["label"].as_subclass(torch.Tensor).long().flatten()
+            dense = sliding_window_inference(
+                image, cfg.crop_size, cfg.sliding_window.batch_size, lambda crops: swin_unetr_voxel_features(model, crops),
+                overlap=cfg.sliding_window.overlap, mode=cfg.sliding_window.mode,
+            )[0].flatten(1)
+            voxels = pick(label)
+            features.append(dense[:, voxels.to(device)].T.float())
+            targets.append(label[voxels].to(device))
+        return torch.cat(features), torch.cat(targets)
+
+    def extract(model: SwinUNETR) -> DenseProbeData:
+        fit = voxel_features(model, cfg.volumes(train, cfg.spacing),
+                             lambda label: balanced_voxels(label, cfg.probe.voxels_per_class, generator))
+        test = voxel_features(model, cfg.volumes(splits["test"], cfg.spacing),
+                              lambda label: torch.randperm(len(label), generator=generator)[: cfg.probe.test_voxels])
+        return DenseProbeData(*fit, *test)
+
+    names = [labels[index] for index in range(len(labels))]
+    probe = OnlineProbe(extract, len(names), every=1, class_names=names, background=BACKGROUND,
+                        fit_steps=cfg.probe.fit_steps, namespace="frozen_probe")
+    metrics = probe.probe(network)
+    result = {
+        "dice": finite_or_none(metrics["frozen_probe/dice"]),
+        "dice_per_class": {name: finite_or_none(metrics[f"frozen_probe/dice/{name}"])
+                           for index, name in enumerate(names) if index != BACKGROUND},
+        "miou": finite_or_none(metrics["frozen_probe/miou"]),
+        "labelled_cases": len(train),
+        "test_cases": len(splits["test"]),
+        **initialisation,
+    }
+    write_text_atomically(cfg.run_dir / "results.json", json.dumps(result, indent=2))
+    return result

@@ -30,15 +30,13 @@ from pydantic import Field
 from torch.utils.data import Dataset
 
 from accord.config import ExistingPath, RunConfig, StrictModel
-from accord.training import load_checkpoint
 from accord_medssl.anatomy import (
     AnatomicalViewMiner,
-    AnatomyEmbeddingPretraining,
-    AnatomyPretrainingOptions,
     Embedder,
     file_embedder,
     model_embedder,
     sample_view_pairs,
+    store_embedder,
 )
 from accord_medssl.data import build_dataset, decathlon_items, nifti_folder_items
 from accord_medssl.data.layout import DATASET_JSON, NIFTI_SUFFIXES, is_msd_root
@@ -155,14 +153,28 @@ class MiningOptions(StrictModel):
     embeddings: Path | None = Field(
         None,
         description="folder of precomputed maps instead: <volume key>_global<suffix> and <volume key>_local<suffix>, "
-        "(C, *grid) over the preprocessed volume; the key is the image path relative to data, without .nii[.gz]",
+        "(C, *grid) over the preprocessed volume, or with suffix .anat one embedding store file <volume key>.anat "
+        "per volume (it records its own strides); the key is the image path relative to data, without .nii[.gz]",
     )
-    embedding_suffix: Literal[".npy", ".nii", ".nii.gz"] = ".npy"
+    embedding_suffix: Literal[".npy", ".nii", ".nii.gz", ".anat"] = ".npy"
+    store: Path | None = Field(
+        None,
+        description="embedding store folder: each volume's embedding is prepared (normalised, float16) once, written "
+        "to <store>/<volume key>.anat and memory-mapped from then on, so memory and per-sample cost do not grow with "
+        "the dataset; None: prepared embeddings stay in memory (embedding_cache_size volumes)",
+    )
+    scoring: Literal["reference", "nearest"] = Field(
+        "reference",
+        description="reference: the global map trilinearly upsampled to the local grid and re-normalised, as the "
+        "reference's find_point_in_vol; nearest: each local cell takes its enclosing global cell (stricter)",
+    )
     global_stride: int = Field(8, ge=1, description="voxels per cell of the precomputed global maps")
     local_stride: int = Field(2, ge=1, description="voxels per cell of the precomputed local maps (SAM: 2)")
     similarity_threshold: float = Field(0.7, ge=-1.0, lt=1.0, description="accept a pair above this cosine")
     max_attempts: int = Field(100, ge=1, description="query points tried per sample before keeping the best")
-    candidates_per_round: int = Field(10, ge=1, description="query points matched in one vectorised search")
+    candidates_per_round: int = Field(
+        10, ge=1, description="most query points matched in one vectorised search (rounds grow 1, 2, 4, ...)"
+    )
     foreground_threshold: float = Field(0.0, description="query points lie above this windowed intensity")
     embedding_cache_size: int = Field(16, ge=1, description="volumes whose embeddings stay in memory")
 
@@ -175,10 +187,12 @@ def _checkpoint_embedder(checkpoint: Path) -> Embedder:
     """
     from accord.runs import load_run
 
+    from accord_medssl.weights import run_description
+
     run = load_run(checkpoint)
     if getattr(run.config, "method", None) != "anatomy_embedding":
-        raise ValueError(f"{checkpoint}: written by a {run.record['plugin']}.{run.record['task']} run of method "
-                         f"{getattr(run.config, 'method', None)!r}, expected an anatomy_embedding pretraining run")
+        raise ValueError(f"{checkpoint}: written by {run_description(run.record)}, expected a medssl.pretrain run of "
+                         "method 'anatomy_embedding'")
     return model_embedder(run.model.model)
 
 
@@ -197,8 +211,12 @@ def build_miner(options: MiningOptions, crop_size: Sequence[int]) -> AnatomicalV
             raise ValueError(f"mining.{name}: path does not exist: {path}")
     if options.anatomy_checkpoint is not None:
         embedder = _checkpoint_embedder(options.anatomy_checkpoint)
+    elif options.embedding_suffix == ".anat":
+        embedder = store_embedder(options.embeddings)
     else:
         embedder = file_embedder(options.embeddings, options.global_stride, options.local_stride, options.embedding_suffix)
+    if options.store is not None:
+        embedder = store_embedder(options.store, fallback=embedder)
     return AnatomicalViewMiner(
         embedder,
         crop_size=tuple(crop_size),
@@ -207,6 +225,7 @@ def build_miner(options: MiningOptions, crop_size: Sequence[int]) -> AnatomicalV
         candidates_per_round=options.candidates_per_round,
         foreground_threshold=options.foreground_threshold,
         cache_size=options.embedding_cache_size,
+        scoring=options.scoring,
     )
 
 

@@ -1,7 +1,8 @@
-"""Precomputed embedding files: .npy and NIfTI, shape validation naming the file."""
+"""Precomputed embedding files: .npy and NIfTI, shape validation naming the file; the embedding store."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import nibabel
@@ -9,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from accord_medssl.anatomy import file_embedder, load_anatomy_embedding, load_embedding_volume
+from accord_medssl.anatomy import (
+    AnatomySearchIndex,
+    file_embedder,
+    load_anatomy_embedding,
+    load_embedding_volume,
+    read_embedding_store,
+    store_embedder,
+)
+from accord_medssl.anatomy.embedding import STORE_SUFFIX, STORE_VERSION
 
 VOLUME_SHAPE = (20, 17, 16)
 
@@ -53,3 +62,63 @@ def test_file_embedder_checks_grids_against_the_volume(tmp_path: Path) -> None:
         embed("case_2", torch.zeros(1, *VOLUME_SHAPE))
     with pytest.raises(ValueError, match="case_1_global.npy"):
         load_anatomy_embedding(tmp_path / "case_1_global.npy", tmp_path / "case_1_local.npy", VOLUME_SHAPE, 4, 2)
+
+
+# --- the embedding store ------------------------------------------------------------------------
+
+
+def stored_index(tmp_path: Path) -> tuple[AnatomySearchIndex, Path]:
+    write_maps(tmp_path, "case_1")
+    embedding = file_embedder(tmp_path, global_stride=8, local_stride=2)("case_1", torch.zeros(1, *VOLUME_SHAPE))
+    index = AnatomySearchIndex.from_embedding(embedding)
+    return index, index.save(tmp_path / "store" / f"case_1{STORE_SUFFIX}")
+
+
+def test_store_round_trip_is_memory_mapped_and_exact(tmp_path: Path) -> None:
+    index, path = stored_index(tmp_path)
+    opened = AnatomySearchIndex.open(path)
+    assert (opened.volume_shape, opened.global_stride, opened.local_stride) == (VOLUME_SHAPE, (8, 8, 8), (2, 2, 2))
+    for name in ("global_vectors", "local_vectors", "upsampled_global_norms"):
+        assert torch.equal(getattr(opened, name), getattr(index, name)), name
+    assert opened.local_vectors.dtype == torch.float16 and opened.local_vectors.shape == (10 * 9 * 8, 6)
+    _, arrays = read_embedding_store(path)
+    assert all(isinstance(array, np.memmap) for array in arrays.values())
+    # Pre-normalised: unit rows up to float16 rounding.
+    torch.testing.assert_close(opened.local_vectors.float().norm(dim=1), torch.ones(720), atol=2e-3, rtol=0)
+
+
+def test_store_refuses_old_foreign_truncated_and_corrupt_files(tmp_path: Path) -> None:
+    _, path = stored_index(tmp_path)
+    data = path.read_bytes()
+    cases = {
+        "old.anat": np.lib.format.magic(1, 0) + data[8:],  # e.g. an .npy renamed
+        "version.anat": data[:11] + struct.pack("<I", STORE_VERSION + 1) + data[15:],
+        "truncated.anat": data[:-100],
+        "header.anat": data[:19] + b"{" * 8 + data[27:],
+    }
+    messages = {"old.anat": "not an accord anatomy-embedding store", "version.anat": "format version",
+                "truncated.anat": "truncated", "header.anat": "corrupt"}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name}.*{messages[name]}"):
+            AnatomySearchIndex.open(tmp_path / name)
+    with pytest.raises(ValueError, match="missing.anat.*not found"):
+        AnatomySearchIndex.open(tmp_path / "missing.anat")
+
+
+def test_store_embedder_writes_each_volume_once(tmp_path: Path) -> None:
+    write_maps(tmp_path, "case_1")
+    calls: list[str] = []
+    source = file_embedder(tmp_path, global_stride=8, local_stride=2)
+
+    def counted(key: str, volume: torch.Tensor):
+        calls.append(key)
+        return source(key, volume)
+
+    volume = torch.zeros(1, *VOLUME_SHAPE)
+    for _ in range(2):
+        index = store_embedder(tmp_path / "store", fallback=counted)("case_1", volume)
+    assert calls == ["case_1"] and (tmp_path / "store" / "case_1.anat").is_file()
+    assert isinstance(index, AnatomySearchIndex)
+    with pytest.raises(ValueError, match="case_2.anat"):
+        store_embedder(tmp_path / "store")("case_2", volume)

@@ -160,10 +160,10 @@ def test_fallback_keeps_the_best_attempt_and_flags_it() -> None:
     )
     mined = miner.mine([volume], [volume], ["volume"], ["other"], generator=torch.Generator().manual_seed(0))
     assert not mined.accepted.item() and mined.attempts.item() == 7 and mined.scores.item() < 0.95
-    # Replay the 3 + 3 + 1 candidate draws: the kept pair is the best of all seven.
+    # Replay the 1 + 2 + 3 + 1 candidate draws (rounds double up to 3): the kept pair is the best of all seven.
     generator = torch.Generator().manual_seed(0)
     foreground = (volume[0] > 0).flatten().nonzero().squeeze(1)
-    picks = torch.cat([torch.randint(foreground.numel(), (n,), generator=generator) for n in (3, 3, 1)])
+    picks = torch.cat([torch.randint(foreground.numel(), (n,), generator=generator) for n in (1, 2, 3, 1)])
     flat = foreground[picks]
     points = torch.stack([flat // (SHAPE[1] * SHAPE[2]), flat // SHAPE[2] % SHAPE[1], flat % SHAPE[2]], dim=1)
     source, target = AnatomySearchIndex.from_embedding(own), AnatomySearchIndex.from_embedding(other)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from accord_medssl.benchmarks import QUICK, anatomy_matching
 
 
-def test_a_briefly_trained_embedding_localises_mni152_tissue_better_than_an_untrained_one() -> None:
-    torch.set_num_threads(1)
+def test_a_briefly_trained_embedding_localises_mni152_tissue_better_than_an_untrained_one(one_torch_thread) -> None:
     result = anatomy_matching({"untrained": None, "trained": QUICK.anatomy_embedding}, datasets=("mni152",),
                               steps=30, num_points=64)
     rows = {row["variant"]: row for row in result.rows}

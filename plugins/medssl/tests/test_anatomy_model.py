@@ -108,5 +108,6 @@ def test_model_embedder_feeds_the_miner() -> None:
     volume = synthetic_volume((32, 32, 24))
     miner = AnatomicalViewMiner(model_embedder(model), crop_size=(16, 16, 16))
     mined = miner.mine([volume], [volume], ["v"], ["v"], generator=torch.Generator().manual_seed(0))
-    # Self-matching: the query's own local cell scores 1 and wins (or ties with an identical vector).
-    assert mined.accepted.item() and mined.scores.item() == pytest.approx(1.0, abs=1e-5)
+    # Self-matching: the query's own local cell scores 1 and wins (or ties with an identical vector),
+    # up to the float16 rounding of the stored, pre-normalised embeddings.
+    assert mined.accepted.item() and mined.scores.item() == pytest.approx(1.0, abs=1e-3)

@@ -31,23 +31,29 @@ def test_loader_throughput_synthesises_when_no_root_is_given() -> None:
 def test_segmentation_benchmark_through_the_cli(only_medssl, tmp_path: Path) -> None:
     """The pipeline on the quick sizes with two steps per stage: the chain and its outputs, not the numbers."""
     out = tmp_path / "bench"
-    result = CliRunner().invoke(app, ["benchmark", "medssl", "--quick", "--out", str(out), "--anatomy-steps", "2",
+    result = CliRunner().invoke(app, ["benchmark", "medssl", "segmentation", "--quick", "--out", str(out), "--anatomy-steps", "2",
                                       "alice_steps=2", "finetune_steps=2", "seeds=[0, 1]", "label_fractions=[1.0]"])
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "results.json").read_text())
-    assert {(row["init"], row["seed"]) for row in saved["rows"]} == {(i, s) for i in ("random", "alice") for s in (0, 1)}
+    runs = {(row["protocol"], row["init"], row["seed"]) for row in saved["rows"]}
+    assert runs == {(p, i, s) for p in ("finetune", "frozen_probe") for i in ("random", "alice") for s in (0, 1)}
     assert all(0.0 <= row["dice"] <= 1.0 and "liver" in row["dice_per_class"] for row in saved["rows"])
+    assert all(row["label_fraction"] == 1.0 and row["labelled_cases"] == 5 for row in saved["rows"])
     # The quick run pretrains per seed (anatomy embedding, then Alice mining with it); each seed's
-    # Alice fine-tuning starts from its own.
+    # Alice fine-tuning and frozen probe start from its own.
     for seed in (0, 1):
         pretrain = out / "pretrain" / f"seed{seed}"
         alice = yaml.safe_load((pretrain / "alice" / "config.yaml").read_text())
         assert alice["seed"] == seed
         assert Path(alice["mining"]["anatomy_checkpoint"]).parent.parent == pretrain / "anatomy_embedding"
-        tuned = yaml.safe_load((out / "downstream" / "1.0" / f"alice_seed{seed}" / "config.yaml").read_text())
+        tuned = yaml.safe_load((out / "downstream" / "fine-tune_100_labels" / f"alice_seed{seed}" / "config.yaml").read_text())
         assert tuned["seed"] == seed and Path(tuned["checkpoint"]).parent.parent == pretrain / "alice"
+        assert tuned["class_weights"] == "inverse_sqrt_frequency"  # the quick preset
+        probed = json.loads((out / "downstream" / "frozen_probe_100_labels" / f"alice_seed{seed}" / "results.json").read_text())
+        assert Path(probed["initialisation"]["checkpoint"]).parent.parent == pretrain / "alice"
     markdown = (out / "results.md").read_text()
-    assert "| 1.0 | alice |" in markdown and "| label_fraction | init | liver |" in markdown
+    assert "| fine-tune, 100% labels | alice |" in markdown and "| frozen probe, 100% labels | random |" in markdown
+    assert "| protocol, labels | init | liver |" in markdown and "frozen probe: the same network frozen" in markdown
     assert "| FLARE 2022 | +2.11 |" in markdown and "Pretrained once" not in markdown
 
 

@@ -1,4 +1,5 @@
-"""The online probe of medssl pretraining: its labelled voxels, the features it reads, a run that logs it."""
+"""The online probe of medssl pretraining (its labelled voxels, the features it reads, a run that logs it) and the
+benchmark's frozen probe."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from accord_medssl.probe import VoxelProbeSet, alice_voxel_features, voxel_probe
+from accord_medssl.probe import FrozenProbeConfig, VoxelProbeSet, alice_voxel_features, frozen_probe, voxel_probe
 from accord_medssl.tasks import PretrainConfig, pretrain, pretraining_model
 
 TINY_ANATOMY = {"model": {"widths": (4, 8, 8), "fpn_dim": 8, "global_dim": 8, "local_dim": 8}}
+TINY_BACKBONE = {"feature_size": 12, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8), "window_size": 4, "norm_name": "batch"}
 
 
 def _config(msd_root: Path, tmp_path: Path, method: str, tiny_alice: dict, **changes) -> PretrainConfig:
@@ -80,3 +82,24 @@ def test_pretraining_with_a_probe_logs_its_curve(only_medssl, msd_root: Path, tm
     probes = [record for record in records if "probe/dice" in record]
     assert [record["step"] for record in probes] == [0, 2, 3]
     assert all(0 <= record["probe/dice"] <= 1 for record in probes)
+
+
+def test_the_frozen_probe_fits_on_the_labelled_cases_and_scores_the_test_case(msd_root: Path, tmp_path: Path) -> None:
+    def probe(seed: int, label_fraction: float = 1.0) -> dict:
+        cfg = FrozenProbeConfig(plugin="medssl", data=msd_root, run_dir=tmp_path / f"{seed}_{label_fraction}",
+                                cache="memory", backbone=TINY_BACKBONE, crop_size=(32, 32, 32), seed=seed,
+                                label_fraction=label_fraction,
+                                probe={"voxels_per_class": 30, "test_voxels": 2000, "fit_steps": 20})
+        result = frozen_probe(cfg)
+        assert json.loads((cfg.run_dir / "results.json").read_text()) == result
+        return result
+
+    result = probe(seed=0)
+    # 4 cases: 1 test, 1 validation, 2 train; label_fraction 0.5 keeps 1 of them.
+    assert (result["labelled_cases"], result["test_cases"]) == (2, 1)
+    assert probe(seed=0, label_fraction=0.5)["labelled_cases"] == 1
+    assert list(result["dice_per_class"]) == ["liver", "spleen", "kidney_right", "kidney_left", "spine", "aorta"]
+    assert all(value is None or 0.0 <= value <= 1.0 for value in result["dice_per_class"].values())
+    assert 0.0 < result["dice"] <= 1.0 and result["initialisation"] == {"checkpoint": None}
+    # The random network and the voxels come from the seed.
+    assert probe(seed=0) == result and probe(seed=1) != result

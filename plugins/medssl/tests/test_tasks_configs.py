@@ -20,12 +20,16 @@ def test_shipped_configs_validate_and_chain(only_medssl, tmp_path: Path, monkeyp
     configs = {}
     for path in sorted(CONFIGS.glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())
-        (tmp_path / raw["data"]).mkdir(parents=True, exist_ok=True)
-        if raw.get("checkpoint"):
-            (tmp_path / raw["checkpoint"]).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / raw["checkpoint"]).touch()
+        if raw.get("data"):
+            (tmp_path / raw["data"]).mkdir(parents=True, exist_ok=True)
+        for key in ("checkpoint", "fixed", "moving", "fixed_label", "moving_label"):
+            if raw.get(key):
+                (tmp_path / raw[key]).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / raw[key]).touch()
         configs[path.stem] = load_config(path)
-    assert sorted(configs) == ["alice_pretrain", "anatomy_embedding", "evaluate", "finetune"]
+    assert sorted(configs) == ["alice_pretrain", "anatomy_embedding", "evaluate", "finetune", "gemini_pretrain",
+                               "gemini_pretrain_2d", "gemini_register", "gemini_semisup"]
+    assert configs["gemini_register"].checkpoint.parent.parent == configs["gemini_pretrain"].run_dir
     anatomy, alice = configs["anatomy_embedding"], configs["alice_pretrain"]
     assert (anatomy.method, alice.method) == ("anatomy_embedding", "alice")
     assert alice.trainer.ema_momentum == 0.996 and alice.trainer.ema_momentum_end == 1.0
@@ -37,7 +41,8 @@ def test_shipped_configs_validate_and_chain(only_medssl, tmp_path: Path, monkeyp
 
 def test_every_task_config_forbids_unknown_keys(only_medssl, tmp_path: Path) -> None:
     tasks = PluginHost().tasks.by_plugin("medssl")
-    assert sorted(task.name for task in tasks) == ["evaluate", "finetune", "pretrain"]
+    assert sorted(task.name for task in tasks) == ["evaluate", "finetune", "gemini_pretrain", "gemini_register",
+                                                   "gemini_semisup", "pretrain"]
     for task in tasks:
         raw = {"plugin": "medssl", "task": task.name, "data": str(tmp_path), "checkpoint": str(tmp_path),
                "trainer_steps": 3}

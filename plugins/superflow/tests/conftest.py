@@ -19,12 +19,8 @@ TINY_SCENES = ("scene-0061", "scene-0553", "scene-0103")
 
 
 @pytest.fixture(autouse=True)
-def _one_intra_op_thread():
+def _one_intra_op_thread(one_torch_thread):
     """spconv's CPU loops slow down up to 30x with 2 OpenMP threads when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

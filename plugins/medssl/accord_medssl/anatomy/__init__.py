@@ -8,9 +8,20 @@ from accord_medssl.anatomy.embedding import (
     file_embedder,
     load_anatomy_embedding,
     load_embedding_volume,
+    read_embedding_store,
+    write_embedding_store,
 )
 from accord_medssl.anatomy.grid import cell_to_voxel, crop_with_zero_padding, embedding_grid_shape, voxel_to_cell
-from accord_medssl.anatomy.miner import AnatomicalViewMiner, AnatomySearchIndex, MinedViews, match_points, similarity_map
+from accord_medssl.anatomy.miner import (
+    SCORINGS,
+    AnatomicalViewMiner,
+    AnatomySearchIndex,
+    MinedViews,
+    Scoring,
+    match_points,
+    similarity_map,
+    store_embedder,
+)
 from accord_medssl.anatomy.model import AnatomyEmbeddingModel, AnatomyEmbeddingOptions, model_embedder
 from accord_medssl.anatomy.pretraining import (
     AnatomyEmbeddingPretraining,
@@ -19,6 +30,7 @@ from accord_medssl.anatomy.pretraining import (
 )
 
 __all__ = [
+    "SCORINGS",
     "AnatomicalViewMiner",
     "AnatomyEmbedding",
     "AnatomyEmbeddingModel",
@@ -28,6 +40,7 @@ __all__ = [
     "AnatomySearchIndex",
     "Embedder",
     "MinedViews",
+    "Scoring",
     "cell_to_voxel",
     "crop_with_zero_padding",
     "embedding_grid_shape",
@@ -36,7 +49,10 @@ __all__ = [
     "load_embedding_volume",
     "match_points",
     "model_embedder",
+    "read_embedding_store",
     "sample_view_pairs",
     "similarity_map",
+    "store_embedder",
     "voxel_to_cell",
+    "write_embedding_store",
 ]

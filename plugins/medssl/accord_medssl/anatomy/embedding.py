@@ -6,27 +6,61 @@ map (anatomical context; SAM's "coarse" read-out) and a fine ``local`` map (SAM'
 cells per axis (geometry in :mod:`accord_medssl.anatomy.grid`). They come either from
 :class:`~accord_medssl.anatomy.AnatomyEmbeddingModel` (:func:`model_embedder`) or from
 precomputed files (:func:`file_embedder`), e.g. exported from the original SAM.
+
+Prepared embeddings (:class:`~accord_medssl.anatomy.miner.AnatomySearchIndex`) can be kept in an
+**embedding store**: one ``<key>.anat`` file per volume (:func:`write_embedding_store`,
+:func:`read_embedding_store`), memory-mapped so that a search reads only the pages it touches.
+Layout, all little-endian:
+
+- the magic ``b"\\x93ACCORDANAT"`` (11 bytes), ``uint32`` format version, ``uint32`` header length;
+- a UTF-8 JSON header: the volume geometry and, per array, ``name``, ``dtype``, ``shape`` and byte
+  ``offset`` from the start of the file;
+- the raw C-order arrays, each starting at a multiple of 64 bytes.
+
+A file of another version, a truncated one or one without the magic is refused with a message
+naming it (delete it: :func:`~accord_medssl.anatomy.miner.store_embedder` rewrites it from its
+source).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+import struct
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from accord.utils.checks import check_tensor
+from accord.utils.files import write_atomically
 from accord_medssl.anatomy.grid import check_stride, embedding_grid_shape
 
+if TYPE_CHECKING:
+    from accord_medssl.anatomy.miner import AnatomySearchIndex
+
 __all__ = [
+    "STORE_SUFFIX",
+    "STORE_VERSION",
     "AnatomyEmbedding",
     "Embedder",
     "file_embedder",
     "load_anatomy_embedding",
     "load_embedding_volume",
+    "read_embedding_store",
+    "write_embedding_store",
 ]
+
+#: File name suffix of embedding store files.
+STORE_SUFFIX = ".anat"
+#: The store format this code writes and reads; bump it when the layout or the prepared values change.
+STORE_VERSION = 1
+_MAGIC = b"\x93ACCORDANAT"
+_PREFIX = struct.Struct("<II")  # version, header length
+_ALIGNMENT = 64
+_STORE_DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -64,8 +98,93 @@ class AnatomyEmbedding:
 
 
 #: Returns the embedding of a volume: ``embedder(key, volume)`` with the volume's cache key (e.g.
-#: its case name) and the volume ``(1, D, H, W)``; each uses what it needs.
-Embedder = Callable[[str, torch.Tensor], AnatomyEmbedding]
+#: its case name) and the volume ``(1, D, H, W)``; each uses what it needs. It may also return a
+#: prepared :class:`~accord_medssl.anatomy.miner.AnatomySearchIndex` (an embedding store).
+Embedder = Callable[[str, torch.Tensor], "AnatomyEmbedding | AnatomySearchIndex"]
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // _ALIGNMENT) * _ALIGNMENT
+
+
+def write_embedding_store(path: str | Path, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Path:
+    """Write one embedding store file (layout in the module docstring), atomically.
+
+    Args:
+        path: the ``.anat`` file; its directory is created.
+        header: JSON-serialisable geometry (volume shape, strides).
+        arrays: name -> float16 or float32 array, written C-order.
+
+    Returns:
+        ``path``.
+    """
+    entries, offset = [], 0
+    for name, array in arrays.items():
+        if array.dtype.name not in _STORE_DTYPES:
+            raise ValueError(f"arrays[{name!r}]: expected one of {_STORE_DTYPES}, got {array.dtype}")
+        entries.append({"name": name, "dtype": array.dtype.name, "shape": list(array.shape), "offset": offset})
+        offset = _aligned(offset + array.nbytes)
+
+    def encode(start: int) -> bytes:
+        shifted = [{**entry, "offset": entry["offset"] + start} for entry in entries]
+        return json.dumps({**header, "arrays": shifted}).encode("utf-8")
+
+    # Offsets are absolute: find the aligned data start that also holds the header with them.
+    start = _aligned(len(_MAGIC) + _PREFIX.size + len(encode(0)))
+    while len(_MAGIC) + _PREFIX.size + len(encode(start)) > start:
+        start += _ALIGNMENT
+    text = encode(start)
+
+    def write(handle) -> None:
+        handle.write(_MAGIC + _PREFIX.pack(STORE_VERSION, len(text)) + text)
+        for entry, array in zip(entries, arrays.values()):
+            handle.seek(entry["offset"] + start)
+            handle.write(np.ascontiguousarray(array).tobytes())
+
+    return write_atomically(Path(path), write)
+
+
+def read_embedding_store(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Memory-map the arrays of a store file written by :func:`write_embedding_store`.
+
+    The maps are copy-on-write: writing to them never changes the file.
+
+    Returns:
+        ``(header, arrays)``: the JSON header without its array table, and name -> memory map.
+
+    Raises:
+        ValueError: a missing file, no magic (not a store file, e.g. an old ``.npy``), another
+            format version, a bad header, or arrays past the end of the file (truncated).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"{file}: anatomy-embedding store file not found")
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        prefix = handle.read(len(_MAGIC) + _PREFIX.size)
+        if len(prefix) < len(_MAGIC) + _PREFIX.size or prefix[: len(_MAGIC)] != _MAGIC:
+            raise ValueError(f"{file}: not an accord anatomy-embedding store (no {_MAGIC!r} magic); "
+                             "delete it to have it rebuilt from its source")
+        version, length = _PREFIX.unpack(prefix[len(_MAGIC):])
+        if version != STORE_VERSION:
+            raise ValueError(f"{file}: embedding store format version {version}, this accord reads version "
+                             f"{STORE_VERSION}; delete the file to have it rebuilt from its source")
+        try:
+            header = json.loads(handle.read(length).decode("utf-8"))
+            entries = header.pop("arrays")
+            arrays = {}
+            for entry in entries:
+                dtype = np.dtype(entry["dtype"])
+                if dtype.name not in _STORE_DTYPES:
+                    raise ValueError(f"array {entry['name']!r} has dtype {dtype}")
+                shape = tuple(int(value) for value in entry["shape"])
+                end = int(entry["offset"]) + dtype.itemsize * int(np.prod(shape))
+                if end > size:
+                    raise ValueError(f"array {entry['name']!r} ends at byte {end}, the file has {size} (truncated?)")
+                arrays[entry["name"]] = np.memmap(file, dtype=dtype, mode="c", offset=int(entry["offset"]), shape=shape)
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as error:
+            raise ValueError(f"{file}: corrupt anatomy-embedding store: {error}") from None
+    return header, arrays
 
 
 def load_embedding_volume(

@@ -217,7 +217,7 @@ def second_best_scores(scores: torch.Tensor, target: AnatomySearchIndex, exclusi
     """
     if exclusion_radius < 0:
         raise ValueError(f"exclusion_radius: expected >= 0 cells, got {exclusion_radius!r}")
-    grid = tuple(target.embedding.local_map.shape[1:])
+    grid = target.local_grid
     check_tensor(scores, "scores", shape=(None, math.prod(grid)), floating=True)
     best_cells = unravel_cells(scores.argmax(dim=1), grid)  # (n, 3)
     near = [
@@ -261,8 +261,8 @@ def match_labelled_points(
     Raises:
         ValueError: label maps that do not fit their volumes, or ``true_points`` of another shape.
     """
-    check_tensor(query_labels, "query_labels", shape=tuple(query.embedding.volume_shape), floating=False)
-    check_tensor(target_labels, "target_labels", shape=tuple(target.embedding.volume_shape), floating=False)
+    check_tensor(query_labels, "query_labels", shape=tuple(query.volume_shape), floating=False)
+    check_tensor(target_labels, "target_labels", shape=tuple(target.volume_shape), floating=False)
     scores = similarity_map(points, query, target)
     matched, best_score = best_matches(scores, target)
     returned, _ = best_matches(similarity_map(matched, target, query), query)

@@ -1,45 +1,84 @@
 """Alice's view mining: anatomy-matched crop pairs from two different volumes (medssl §1.3).
 
 For a random foreground point of the query volume, the anchor point is the voxel of the other
-volume whose anatomical embedding is most similar. The embedding of a point is its global and
-local vectors concatenated; with both L2-normalised, the cosine of the concatenations is
-``(global_q . global_x + local_q . local_x) / 2``, the reference's score. One vectorised search
-covers every anchor voxel at the local grid's resolution:
+volume whose anatomical embedding is most similar. One vectorised search scores a whole round of
+candidate query points against every local cell of the anchor volume (one matrix product per map).
+Two scorings (``scoring=``):
 
-- the global similarities are computed on the (small) global grid and looked up for each local
-  cell through the global cell containing the local cell's centre voxel (coarse-to-fine without
-  upsampling the global map);
-- a whole round of candidate query points is matched with one matrix product.
+- ``"reference"`` (default; the reference's ``interfaces.find_point_in_vol``): the (unit-vector,
+  as SAM's) global map is trilinearly upsampled to the local grid (``F.interpolate(...,
+  mode="trilinear", align_corners=False)``) and re-normalised, on both sides; the score of a cell is
+  ``(up_q . up_x + local_q . local_x) / 2`` with the query's vectors taken at its local cell. Since
+  interpolation is linear, ``up_q . up_x`` is the upsampled map of the global-grid similarities
+  divided by the norm of the upsampled (un-normalised) global vector at ``x``; that norm is
+  computed once per volume (:attr:`AnatomySearchIndex.upsampled_global_norms`), so the search never
+  builds the ``(C_g, *local_grid)`` upsampled map the reference recomputes on every try.
+- ``"nearest"``: the global vector of a local cell is the global cell containing the cell's centre
+  voxel (no interpolation); the earlier accord scoring, stricter on the same embeddings.
 
 A pair is accepted when the score exceeds ``similarity_threshold`` (0.7). Otherwise new random
 foreground points are tried, up to ``max_attempts`` points in all; if none passes, the best-scoring
 attempt is used and flagged ``accepted=False`` (the reference silently keeps its last attempt).
 Each sample of a batch gets its own point (the reference used sample 0's point for all, §1.13
-bug 2). Embeddings are computed once per volume key and kept in an LRU cache.
+bug 2).
+
+Embeddings are prepared once per volume (:class:`AnatomySearchIndex`: L2-normalised, float16,
+channel-last) and either kept in an LRU cache or written to an embedding store and memory-mapped
+(:func:`store_embedder`); a search reads the query's vectors at its candidate cells only and the
+anchor's maps, so its cost depends on the two volumes, not on how many the dataset holds.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from accord.utils.checks import check_tensor
-from accord_medssl.anatomy.embedding import AnatomyEmbedding, Embedder
-from accord_medssl.anatomy.grid import cell_to_voxel, crop_with_zero_padding, voxel_to_cell
+from accord_medssl.anatomy.embedding import (
+    STORE_SUFFIX,
+    AnatomyEmbedding,
+    Embedder,
+    read_embedding_store,
+    write_embedding_store,
+)
+from accord_medssl.anatomy.grid import (
+    cell_to_voxel,
+    check_stride,
+    crop_with_zero_padding,
+    embedding_grid_shape,
+    voxel_to_cell,
+)
 
 __all__ = [
+    "SCORINGS",
     "AnatomicalViewMiner",
     "AnatomySearchIndex",
     "MinedViews",
+    "Scoring",
     "best_matches",
     "match_points",
     "similarity_map",
+    "store_embedder",
     "unravel_cells",
 ]
+
+Scoring = Literal["reference", "nearest"]
+#: The matching scores :func:`similarity_map` implements (module docstring).
+SCORINGS: tuple[str, ...] = ("reference", "nearest")
+#: Storage dtype of prepared vectors: unit vectors need no more than float16's 3 decimal digits.
+VECTOR_DTYPE = torch.float16
+#: Channels upsampled at once when computing the norms (bounds the temporary on large volumes).
+_NORM_CHUNK_CHANNELS = 16
+#: Local cells :func:`match_points` scores at once (a 128-channel chunk is 32 MiB in float32).
+MATCH_CHUNK_CELLS = 1 << 16
 
 
 def _ravel(cells: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
@@ -52,46 +91,168 @@ def unravel_cells(flat: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     return torch.stack(torch.unravel_index(flat, tuple(grid)), dim=-1)
 
 
-@dataclass(frozen=True)
+def _upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``(C, *grid)`` -> ``(C, *size)``: the reference's trilinear upsampling (align_corners=False)."""
+    return F.interpolate(maps[None], size=tuple(size), mode="trilinear", align_corners=False)[0]
+
+
+def _upsampled_norms(
+    global_vectors: torch.Tensor, global_grid: Sequence[int], local_grid: Sequence[int]
+) -> torch.Tensor:
+    """``(N_l,)`` float32 norm of the trilinearly upsampled global map at every local cell."""
+    maps = global_vectors.float().T.reshape(-1, *global_grid)
+    squares = torch.zeros(tuple(local_grid), device=maps.device)
+    for chunk in maps.split(_NORM_CHUNK_CHANNELS):
+        squares += _upsample(chunk, local_grid).square().sum(dim=0)
+    return squares.sqrt().flatten()
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_sources(size_in: int, size_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per output index: lower and upper source index and the upper weight of PyTorch's linear
+    upsampling with ``align_corners=False`` (source ``(o + 0.5) in / out - 0.5``, clamped at 0)."""
+    source = ((torch.arange(size_out, dtype=torch.float32) + 0.5) * (size_in / size_out) - 0.5).clamp(min=0)
+    lower = source.floor().long().clamp(max=size_in - 1)
+    return lower, (lower + 1).clamp(max=size_in - 1), source - lower
+
+
+def _upsampled_vectors(
+    global_vectors: torch.Tensor, global_grid: Sequence[int], local_grid: Sequence[int], cells: torch.Tensor
+) -> torch.Tensor:
+    """``(n, C_g)`` un-normalised upsampled global vectors at local ``cells`` ``(n, 3)`` (8 corners)."""
+    axes = [
+        [part.to(cells.device)[cells[:, axis]] for part in _linear_sources(global_grid[axis], local_grid[axis])]
+        for axis in range(3)
+    ]
+    result = 0
+    for corner in range(8):
+        bits = [(corner >> (2 - axis)) & 1 for axis in range(3)]
+        index = torch.stack([axes[axis][bits[axis]] for axis in range(3)], dim=-1)
+        weight = math.prod(axes[axis][2] if bits[axis] else 1 - axes[axis][2] for axis in range(3))
+        result = result + weight[:, None] * global_vectors[_ravel(index, global_grid)].float()
+    return result
+
+
+@functools.lru_cache(maxsize=64)
+def _global_of_local(
+    local_grid: tuple[int, ...], local_stride: tuple[int, ...], global_stride: tuple[int, ...],
+    volume_shape: tuple[int, ...],
+) -> torch.Tensor:
+    """``(N_l,)`` flat global cell containing each local cell's centre voxel ("nearest" scoring)."""
+    local_cells = unravel_cells(torch.arange(math.prod(local_grid)), local_grid)
+    centres = cell_to_voxel(local_cells, local_stride, volume_shape)
+    global_cells = voxel_to_cell(centres, global_stride, volume_shape)
+    return _ravel(global_cells, embedding_grid_shape(volume_shape, global_stride))
+
+
+@dataclass(frozen=True, eq=False)
 class AnatomySearchIndex:
-    """An embedding prepared for matching: flattened, normalised maps and the local-to-global lookup.
+    """An embedding prepared for matching: L2-normalised float16 vectors, channel-last, C-order.
+
+    Built in memory (:meth:`from_embedding`) or memory-mapped from an embedding store file
+    (:meth:`open`); both give the same values, so matching does not depend on where it came from.
 
     Attributes:
-        embedding: the source embedding (its geometry).
-        global_vectors: ``(N_g, C_g)`` L2-normalised, C-order over the global grid.
-        local_vectors: ``(N_l, C_l)`` L2-normalised, C-order over the local grid.
-        global_of_local: ``(N_l,)`` flat global cell containing each local cell's centre voxel.
+        global_vectors: ``(N_g, C_g)`` over the global grid.
+        local_vectors: ``(N_l, C_l)`` over the local grid.
+        upsampled_global_norms: ``(N_l,)`` float32 norm of the trilinearly upsampled
+            ``global_vectors`` at each local cell ("reference" scoring).
+        global_stride: voxels per global cell along each axis.
+        local_stride: voxels per local cell along each axis.
+        volume_shape: the embedded volume's ``(D, H, W)``.
     """
 
-    embedding: AnatomyEmbedding
     global_vectors: torch.Tensor
     local_vectors: torch.Tensor
-    global_of_local: torch.Tensor
+    upsampled_global_norms: torch.Tensor
+    global_stride: tuple[int, int, int]
+    local_stride: tuple[int, int, int]
+    volume_shape: tuple[int, int, int]
+
+    @property
+    def global_grid(self) -> tuple[int, int, int]:
+        return embedding_grid_shape(self.volume_shape, self.global_stride)
+
+    @property
+    def local_grid(self) -> tuple[int, int, int]:
+        return embedding_grid_shape(self.volume_shape, self.local_stride)
 
     @classmethod
     def from_embedding(cls, embedding: AnatomyEmbedding) -> AnatomySearchIndex:
-        """Prepare ``embedding`` (maps stay on their device)."""
+        """Prepare ``embedding`` (the vectors stay on its device)."""
+        global_vectors = F.normalize(embedding.global_map.flatten(1).T.float(), dim=1).to(VECTOR_DTYPE)
         local_grid = tuple(embedding.local_map.shape[1:])
-        global_grid = tuple(embedding.global_map.shape[1:])
-        flat_local = torch.arange(embedding.local_map[0].numel(), device=embedding.local_map.device)
-        local_cells = unravel_cells(flat_local, local_grid)
-        centres = cell_to_voxel(local_cells, embedding.local_stride, embedding.volume_shape)
-        global_cells = voxel_to_cell(centres, embedding.global_stride, embedding.volume_shape)
         return cls(
-            embedding=embedding,
-            global_vectors=F.normalize(embedding.global_map.flatten(1).T.float(), dim=1),
-            local_vectors=F.normalize(embedding.local_map.flatten(1).T.float(), dim=1),
-            global_of_local=_ravel(global_cells, global_grid).to(embedding.global_map.device),
+            global_vectors=global_vectors,
+            local_vectors=F.normalize(embedding.local_map.flatten(1).T.float(), dim=1).to(VECTOR_DTYPE),
+            upsampled_global_norms=_upsampled_norms(global_vectors, embedding.global_map.shape[1:], local_grid),
+            global_stride=tuple(embedding.global_stride),
+            local_stride=tuple(embedding.local_stride),
+            volume_shape=tuple(embedding.volume_shape),
         )
 
-    def point_vectors(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global ``(n, C_g)`` and local ``(n, C_l)`` vectors at voxel ``points`` ``(n, 3)``."""
-        embedding = self.embedding
-        local_cells = voxel_to_cell(points, embedding.local_stride, embedding.volume_shape)
-        global_cells = voxel_to_cell(points, embedding.global_stride, embedding.volume_shape)
-        local_index = _ravel(local_cells, embedding.local_map.shape[1:]).to(self.local_vectors.device)
-        global_index = _ravel(global_cells, embedding.global_map.shape[1:]).to(self.global_vectors.device)
-        return self.global_vectors[global_index], self.local_vectors[local_index]
+    def save(self, path: str | Path) -> Path:
+        """Write this index as an embedding store file (:func:`~accord_medssl.anatomy.write_embedding_store`)."""
+        header = {"volume_shape": list(self.volume_shape), "global_stride": list(self.global_stride),
+                  "local_stride": list(self.local_stride)}
+        arrays = {"global_vectors": self.global_vectors, "local_vectors": self.local_vectors,
+                  "upsampled_global_norms": self.upsampled_global_norms}
+        return write_embedding_store(path, header, {name: value.cpu().numpy() for name, value in arrays.items()})
+
+    @classmethod
+    def open(cls, path: str | Path) -> AnatomySearchIndex:
+        """Memory-map a store file written by :meth:`save`; only the pages a search touches are read.
+
+        Raises:
+            ValueError: not a store file, another format version, a truncated file or arrays that
+                do not fit the recorded geometry (the message names the file).
+        """
+        header, arrays = read_embedding_store(path)
+        try:
+            volume_shape = tuple(int(size) for size in header["volume_shape"])
+            global_stride = check_stride(tuple(header["global_stride"]), "global_stride")
+            local_stride = check_stride(tuple(header["local_stride"]), "local_stride")
+            expected = {
+                "global_vectors": (math.prod(embedding_grid_shape(volume_shape, global_stride)), None),
+                "local_vectors": (math.prod(embedding_grid_shape(volume_shape, local_stride)), None),
+                "upsampled_global_norms": (math.prod(embedding_grid_shape(volume_shape, local_stride)),),
+            }
+            for name, shape in expected.items():
+                actual = arrays[name].shape
+                if len(actual) != len(shape) or actual[0] != shape[0]:
+                    raise ValueError(f"{name} has shape {actual}, expected {shape} for volume {volume_shape}")
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: corrupt anatomy-embedding store: {error}") from None
+        return cls(
+            **{name: torch.from_numpy(array) for name, array in arrays.items()},
+            global_stride=global_stride,
+            local_stride=local_stride,
+            volume_shape=volume_shape,
+        )
+
+    def point_cells(self, points: torch.Tensor) -> torch.Tensor:
+        """``(n, 3)`` local cells of voxel ``points`` ``(n, 3)``."""
+        return voxel_to_cell(points, self.local_stride, self.volume_shape)
+
+    def query_vectors(self, points: torch.Tensor, scoring: Scoring) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 global ``(n, C_g)`` and local ``(n, C_l)`` unit vectors at voxel ``points`` ``(n, 3)``."""
+        local_cells = self.point_cells(points).to(self.local_vectors.device)
+        local = self.local_vectors[_ravel(local_cells, self.local_grid)].float()
+        if scoring == "reference":
+            upsampled = _upsampled_vectors(self.global_vectors, self.global_grid, self.local_grid, local_cells)
+            return F.normalize(upsampled, dim=1), local
+        global_cells = voxel_to_cell(points, self.global_stride, self.volume_shape).to(self.global_vectors.device)
+        return self.global_vectors[_ravel(global_cells, self.global_grid)].float(), local
+
+    def global_similarity(self, query_global: torch.Tensor, scoring: Scoring) -> torch.Tensor:
+        """``(n, N_l)``: similarity of ``(n, C_g)`` unit query vectors with each local cell's global vector."""
+        on_global_grid = query_global @ self.global_vectors.float().T  # (n, N_g)
+        if scoring == "reference":
+            upsampled = _upsample(on_global_grid.reshape(-1, *self.global_grid), self.local_grid).flatten(1)
+            # F.normalize's eps: a cell whose upsampled vector vanishes scores 0, as in the reference.
+            return upsampled / self.upsampled_global_norms.clamp_min(1e-12)
+        lookup = _global_of_local(self.local_grid, self.local_stride, self.global_stride, self.volume_shape)
+        return on_global_grid[:, lookup.to(on_global_grid.device)]
 
 
 def _check_compatible(source: AnatomySearchIndex, target: AnatomySearchIndex) -> None:
@@ -102,34 +263,59 @@ def _check_compatible(source: AnatomySearchIndex, target: AnatomySearchIndex) ->
             raise ValueError(f"target: {kind} embedding has {target_dim} channels, the source's has {source_dim}")
 
 
-def similarity_map(points: torch.Tensor, source: AnatomySearchIndex, target: AnatomySearchIndex) -> torch.Tensor:
+def _check_scoring(scoring: str) -> None:
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring: expected one of {SCORINGS}, got {scoring!r}")
+
+
+def similarity_map(
+    points: torch.Tensor, source: AnatomySearchIndex, target: AnatomySearchIndex, scoring: Scoring = "reference"
+) -> torch.Tensor:
     """The matching score of each source point against every local cell of the target.
 
-    The score is the cosine of the concatenated global + local embeddings,
-    ``(global_q . global_{cell(x)} + local_q . local_x) / 2``, with the global similarities taken
-    on the global grid and looked up per local cell.
+    ``(global_q . global_x + local_q . local_x) / 2`` with the global vectors of ``scoring``
+    (module docstring): trilinearly upsampled and re-normalised (``"reference"``) or the global cell
+    containing the local cell's centre (``"nearest"``).
 
     Args:
         points: voxel indices in the source volume.
         source: the source volume's index.
         target: the target volume's index (same embedding sizes as ``source``).
+        scoring: ``"reference"`` or ``"nearest"``.
 
     Returns:
-        Scores in ``[-1, 1]`` on the target's device, C-order over the target's local grid.
+        Scores in ``[-1, 1]`` (up to float16 rounding) on the target's device, C-order over the
+        target's local grid.
 
     Shape:
         points: ``(n, 3)``; output: ``(n, N_l)``.
 
     Raises:
-        ValueError: points outside the source volume or embeddings of different sizes.
+        ValueError: points outside the source volume, embeddings of different sizes or an unknown
+            scoring.
     """
+    query_local, global_similarity = _query_similarities(points, source, target, scoring)
+    return _scores(query_local, global_similarity, target, 0, global_similarity.shape[1])
+
+
+def _query_similarities(
+    points: torch.Tensor, source: AnatomySearchIndex, target: AnatomySearchIndex, scoring: Scoring
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query points' local vectors ``(n, C_l)`` and global similarity over the target ``(n, N_l)``."""
     check_tensor(points, "points", shape=(None, 3), floating=False)
+    _check_scoring(scoring)
     _check_compatible(source, target)
-    query_global, query_local = source.point_vectors(points)
+    query_global, query_local = source.query_vectors(points, scoring)
     device = target.local_vectors.device
-    global_similarity = query_global.to(device) @ target.global_vectors.T  # (n, N_g)
-    local_similarity = query_local.to(device) @ target.local_vectors.T  # (n, N_l)
-    return 0.5 * (local_similarity + global_similarity[:, target.global_of_local])
+    return query_local.to(device), target.global_similarity(query_global.to(device), scoring)
+
+
+def _scores(
+    query_local: torch.Tensor, global_similarity: torch.Tensor, target: AnatomySearchIndex, start: int, stop: int
+) -> torch.Tensor:
+    """``(n, stop - start)`` scores over the target's local cells ``[start, stop)``."""
+    local_similarity = query_local @ target.local_vectors[start:stop].float().T
+    return 0.5 * (local_similarity + global_similarity[:, start:stop])
 
 
 def best_matches(scores: torch.Tensor, target: AnatomySearchIndex) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,13 +330,12 @@ def best_matches(scores: torch.Tensor, target: AnatomySearchIndex) -> tuple[torc
         cell) and ``(n,)`` best scores, on ``scores``' device.
     """
     best_score, best_cell = scores.max(dim=1)
-    embedding = target.embedding
-    local_cells = unravel_cells(best_cell, embedding.local_map.shape[1:])
-    return cell_to_voxel(local_cells, embedding.local_stride, embedding.volume_shape), best_score
+    local_cells = unravel_cells(best_cell, target.local_grid)
+    return cell_to_voxel(local_cells, target.local_stride, target.volume_shape), best_score
 
 
 def match_points(
-    points: torch.Tensor, source: AnatomySearchIndex, target: AnatomySearchIndex
+    points: torch.Tensor, source: AnatomySearchIndex, target: AnatomySearchIndex, scoring: Scoring = "reference"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The best-matching target voxel of each source point, by one vectorised similarity search.
 
@@ -158,20 +343,59 @@ def match_points(
         points: voxel indices in the source volume.
         source: the source volume's index.
         target: the target volume's index (same embedding sizes as ``source``).
+        scoring: ``"reference"`` or ``"nearest"`` (:func:`similarity_map`).
 
     Returns:
         ``(matched, score)``: target voxel indices (the centre voxel of the best local cell) and
-        the cosine similarity of the concatenated global + local embeddings, in ``[-1, 1]``
-        (:func:`similarity_map`).
+        the best :func:`similarity_map` score.
 
     Shape:
         points: ``(n, 3)``; matched: ``(n, 3)`` long on ``points``' device; score: ``(n,)``.
 
     Raises:
-        ValueError: points outside the source volume or embeddings of different sizes.
+        ValueError: points outside the source volume, embeddings of different sizes or an unknown
+            scoring.
     """
-    matched, best_score = best_matches(similarity_map(points, source, target), target)
+    query_local, global_similarity = _query_similarities(points, source, target, scoring)
+    cells = global_similarity.shape[1]
+    best_score = global_similarity.new_full((len(points),), -math.inf)
+    best_cell = torch.zeros(len(points), dtype=torch.long, device=best_score.device)
+    # Chunks of local cells bound the float32 copy of the (float16, possibly memory-mapped) local
+    # map: a whole CT's is hundreds of MB. The earliest chunk wins ties, as an unchunked argmax.
+    for start in range(0, cells, MATCH_CHUNK_CELLS):
+        stop = min(start + MATCH_CHUNK_CELLS, cells)
+        chunk_score, chunk_cell = _scores(query_local, global_similarity, target, start, stop).max(dim=1)
+        better = chunk_score > best_score
+        best_score = torch.where(better, chunk_score, best_score)
+        best_cell = torch.where(better, chunk_cell + start, best_cell)
+    matched = cell_to_voxel(unravel_cells(best_cell, target.local_grid), target.local_stride, target.volume_shape)
     return matched.to(points.device), best_score.to(points.device)
+
+
+def store_embedder(directory: str | Path, fallback: Embedder | None = None) -> Embedder:
+    """An :data:`Embedder` backed by an embedding store: ``{directory}/{key}.anat``, memory-mapped.
+
+    A key without a store file is embedded by ``fallback`` (a model, or ``.npy`` / NIfTI maps via
+    :func:`~accord_medssl.anatomy.embedding.file_embedder`), prepared, written once and then
+    memory-mapped like the others; without a fallback a missing file is an error.
+
+    Returns:
+        ``embedder(key, volume) -> AnatomySearchIndex``.
+    """
+    root = Path(directory)
+
+    def embed(key: str, volume: torch.Tensor) -> AnatomySearchIndex:
+        path = root / f"{key}{STORE_SUFFIX}"
+        if not path.is_file():
+            if fallback is None:
+                raise ValueError(f"{path}: no anatomy-embedding store file for volume {key!r}")
+            prepared = fallback(key, volume)
+            if not isinstance(prepared, AnatomySearchIndex):
+                prepared = AnatomySearchIndex.from_embedding(prepared)
+            prepared.save(path)
+        return AnatomySearchIndex.open(path)
+
+    return embed
 
 
 @dataclass(frozen=True)
@@ -209,16 +433,22 @@ class AnatomicalViewMiner:
     """Mine Alice's query / anchor crop pairs with anatomical embeddings.
 
     Args:
-        embedder: ``embedder(key, volume) -> AnatomyEmbedding`` (:func:`model_embedder`,
-            :func:`file_embedder` or any callable); called once per key while it stays cached.
+        embedder: ``embedder(key, volume)`` returning an :class:`AnatomyEmbedding` or a prepared
+            :class:`AnatomySearchIndex` (:func:`model_embedder`, :func:`file_embedder`,
+            :func:`store_embedder` or any callable); called once per key while it stays cached.
         crop_size: crop size per axis (64^3 in Alice).
         similarity_threshold: accept a pair when its score exceeds this (0.7 in Alice).
         max_attempts: query points tried per sample before falling back to the best one (the
             reference's loop allows about 100).
-        candidates_per_round: query points matched together in one search.
+        candidates_per_round: the most query points matched together in one search; rounds start
+            with one point and double up to this (1, 2, 4, ...), so a pair accepted on its first
+            try (usual with the reference scoring) costs one point's search.
         foreground_threshold: query points are drawn among voxels above this intensity (0: the
             reference's "HU above the window's lower end" on [0, 1] windowed CT).
-        cache_size: volumes whose prepared embeddings are kept (least recently used dropped).
+        cache_size: volumes whose prepared embeddings are kept (least recently used dropped; a
+            memory-mapped store index costs only its mapping).
+        scoring: ``"reference"`` (the reference's upsampled global map) or ``"nearest"``
+            (:func:`similarity_map`).
     """
 
     def __init__(
@@ -230,6 +460,7 @@ class AnatomicalViewMiner:
         candidates_per_round: int = 10,
         foreground_threshold: float = 0.0,
         cache_size: int = 16,
+        scoring: Scoring = "reference",
     ) -> None:
         if not callable(embedder):
             raise ValueError(f"embedder: expected a callable (key, volume) -> AnatomyEmbedding, got {embedder!r}")
@@ -242,6 +473,7 @@ class AnatomicalViewMiner:
         for name, value in counts.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        _check_scoring(scoring)
         self.embedder = embedder
         self.crop_size = size
         self.similarity_threshold = similarity_threshold
@@ -249,6 +481,7 @@ class AnatomicalViewMiner:
         self.candidates_per_round = candidates_per_round
         self.foreground_threshold = foreground_threshold
         self.cache_size = cache_size
+        self.scoring = scoring
         self._cache: OrderedDict[str, AnatomySearchIndex] = OrderedDict()
 
     def search_index(self, key: str, volume: torch.Tensor) -> AnatomySearchIndex:
@@ -260,13 +493,13 @@ class AnatomicalViewMiner:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        embedding = self.embedder(key, volume)
-        if tuple(embedding.volume_shape) != tuple(volume.shape[1:]):
+        embedded = self.embedder(key, volume)
+        if tuple(embedded.volume_shape) != tuple(volume.shape[1:]):
             raise ValueError(
-                f"embedder: returned an embedding of volume shape {tuple(embedding.volume_shape)} for "
+                f"embedder: returned an embedding of volume shape {tuple(embedded.volume_shape)} for "
                 f"{key!r}, whose volume has shape {tuple(volume.shape[1:])}"
             )
-        index = AnatomySearchIndex.from_embedding(embedding)
+        index = embedded if isinstance(embedded, AnatomySearchIndex) else AnatomySearchIndex.from_embedding(embedded)
         self._cache[key] = index
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -339,11 +572,13 @@ class AnatomicalViewMiner:
         best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         attempts = 0
         accepted = False
+        round_size = 1
         while attempts < self.max_attempts and not accepted:
-            count = min(self.candidates_per_round, self.max_attempts - attempts)
+            count = min(round_size, self.candidates_per_round, self.max_attempts - attempts)
+            round_size *= 2
             picks = torch.randint(foreground.numel(), (count,), generator=generator).to(foreground.device)
             points = unravel_cells(foreground[picks], shape)
-            matched, scores = match_points(points, query_index, anchor_index)
+            matched, scores = match_points(points, query_index, anchor_index, self.scoring)
             passing = (scores > self.similarity_threshold).nonzero()
             # The first passing candidate, as if the points had been tried one after another.
             choice = int(passing[0]) if passing.numel() else int(scores.argmax())

@@ -8,6 +8,7 @@ directly and names the table record (``<version>/<table>.json[<token>]``) or fil
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from accord_superflow.data.superpixels import (
 )
 
 __all__ = ["check_nuscenes", "require_valid"]
+
+log = logging.getLogger(__name__)
 
 # (table, field, referenced table, how): "one" must resolve, "link" may be '' (chain ends),
 # "many" is a list of tokens.
@@ -70,6 +73,7 @@ def require_valid(root: str | Path, version: str | None = None, splits: Sequence
     Raises:
         ValueError: one line per problem.
     """
+    log.info("checking %s (version %s, splits %s)", root, version or "all", ", ".join(splits) or "all")
     problems = check_nuscenes(root, version=version, splits=splits)
     if problems:
         raise ValueError(f"{root}: nuScenes dataset check failed ({len(problems)} problems):\n"

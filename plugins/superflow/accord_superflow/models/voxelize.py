@@ -3,9 +3,14 @@
 Per point: ``(rho, phi, z) = (sqrt(x^2 + y^2), atan2(y, x) in degrees, z)``, divided by the voxel
 size and **rounded** (as SuperFlow; SLidR floors), then shifted by the cloud's minimum so every
 cloud starts at index 0. All clouds of a batch are quantised at once: one integer key per
-``(cloud, rho, phi, z)`` and one ``torch.unique`` give the voxels (sorted by cloud, so the batch
-index is non-decreasing as mmdet3d's ``MinkUNetBackbone`` assumes) and the point -> voxel map.
-Voxel features are the **mean** of their points' features (upstream keeps the first point's).
+``(cloud, rho, phi, z)`` and one sort give the voxels (sorted by cloud, so the batch index is
+non-decreasing as mmdet3d's ``MinkUNetBackbone`` assumes) and the point -> voxel map. Voxel
+features are the **mean** of their points' features (upstream keeps the first point's).
+
+The result is identical to the reference's per-cloud NumPy formulation (ravel hash +
+``np.unique``, then the mean): a test checks it. Speed (about 3x that formulation on one thread;
+the SuperFlow speed benchmark times both) comes from contiguous 1-D columns, int32 keys where they
+fit, keys decoded by truncating division and bincount sums.
 
 The spatial shape is rounded up to a multiple of 16: a ``k=2, s=2`` spconv ``SparseConv3d`` drops
 voxels on the upper edge of an odd dimension, and the four stride-2 stages of MinkUNet need every
@@ -123,29 +128,54 @@ def cylindrical_voxelize(
         raise ValueError(f"cloud_index: ids must lie in [0, {num_clouds}), "
                          f"got {int(cloud_index.min())}..{int(cloud_index.max())}")
 
-    size = points.new_tensor(tuple(voxel_size))
-    quantised = torch.round(cylindrical_coordinates(points[:, :3]) / size).long()
+    # Everything runs on contiguous 1-D columns: on the CPU, torch's elementwise kernels over strided
+    # (N, C) columns are several times slower (atan2 over a column view was the single largest cost),
+    # index_select on a 1-D tensor is an order of magnitude faster than on a 2-D one, and copying
+    # columns one by one beats both .T.contiguous() and torch.stack(dim=1) (measured, torch 2.13).
+    columns = [points[:, column].contiguous() for column in range(points.shape[1])]
+    x, y, z = columns[:3]
+    # In place on fresh rows (z itself stays: its column is averaged into the features below).
+    polar = (torch.hypot(x, y).div_(voxel_size[0]), torch.atan2(y, x).rad2deg_().div_(voxel_size[1]),
+             z / voxel_size[2])
+    quantised = [row.round_().long() for row in polar]
     # Per-cloud minimum; clouds without points keep the sentinel and get origin 0.
     sentinel = torch.iinfo(torch.int64).max
-    origins = quantised.new_full((num_clouds, 3), sentinel).scatter_reduce(
-        0, cloud_index.unsqueeze(1).expand(-1, 3), quantised, reduce="amin")
-    origins = torch.where(origins == sentinel, torch.zeros_like(origins), origins)
-    local = quantised - origins[cloud_index]
+    origin_rows = [
+        row.new_full((num_clouds,), sentinel).scatter_reduce(0, cloud_index, row, reduce="amin") for row in quantised
+    ]
+    origin_rows = [torch.where(row == sentinel, torch.zeros_like(row), row) for row in origin_rows]
+    local = [row - origin.index_select(0, cloud_index) for row, origin in zip(quantised, origin_rows)]
 
-    shape = padded_spatial_shape(local, shape_multiple)
-    # One int64 key per (cloud, rho, phi, z): cloud-major, so sorted keys give cloud-sorted voxels.
-    key = ((cloud_index * shape[0] + local[:, 0]) * shape[1] + local[:, 1]) * shape[2] + local[:, 2]
-    voxel_keys, point_to_voxel = torch.unique(key, sorted=True, return_inverse=True)
-    coords = torch.empty(len(voxel_keys), 4, dtype=torch.int64, device=points.device)
-    remainder = voxel_keys
-    for column, extent_of_column in ((3, shape[2]), (2, shape[1]), (1, shape[0])):
-        coords[:, column] = remainder % extent_of_column
-        remainder = remainder // extent_of_column
+    shape = [int(math.ceil((int(row.max()) + 1) / shape_multiple) * shape_multiple) for row in local]
+    # One integer key per (cloud, rho, phi, z): cloud-major, so sorted keys give cloud-sorted voxels.
+    # int32 keys when they fit: sorting them is several times faster than int64.
+    key_dtype = torch.int32 if num_clouds * math.prod(shape) <= torch.iinfo(torch.int32).max else torch.int64
+    key = cloud_index.to(key_dtype)
+    for row, extent in zip(local, shape):
+        key = key * extent + row.to(key_dtype)
+    sorted_keys, order = torch.sort(key)
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    point_to_voxel = torch.empty_like(order)
+    point_to_voxel[order] = torch.cumsum(starts, 0) - 1
+    # Decode the voxel keys (non-negative, so truncating division is floor division; torch's
+    # "trunc" division is several times faster than // and % and than gathering from the points).
+    remainder = sorted_keys.masked_select(starts)
+    num_voxels = len(remainder)
+    coords = torch.empty(num_voxels, 4, dtype=torch.int32, device=points.device)
+    for column, extent in ((3, shape[2]), (2, shape[1]), (1, shape[0])):
+        quotient = torch.div(remainder, extent, rounding_mode="trunc")
+        coords[:, column] = remainder - quotient * extent
+        remainder = quotient
     coords[:, 0] = remainder
 
-    counts = points.new_zeros(len(voxel_keys)).index_add_(0, point_to_voxel, points.new_ones(points.shape[0]))
-    features = points.new_zeros(len(voxel_keys), points.shape[1]).index_add_(0, point_to_voxel, points)
-    features = features / counts.unsqueeze(1)
-    return VoxelBatch(features=features, coords=coords.to(torch.int32), point_to_voxel=point_to_voxel,
-                      origins=origins, spatial_shape=(shape[0], shape[1], shape[2]), num_clouds=num_clouds,
+    # Per-voxel means by bincount over contiguous rows (summed in float64): far faster than
+    # index_add_ over (N, C) rows.
+    counts = torch.bincount(point_to_voxel, minlength=num_voxels)
+    features = points.new_empty(num_voxels, points.shape[1])
+    for index, column in enumerate(columns):
+        features[:, index] = torch.bincount(point_to_voxel, weights=column, minlength=num_voxels) / counts
+    return VoxelBatch(features=features, coords=coords, point_to_voxel=point_to_voxel,
+                      origins=torch.stack(origin_rows, dim=1), spatial_shape=(shape[0], shape[1], shape[2]),
+                      num_clouds=num_clouds,
                       voxel_size=(float(voxel_size[0]), float(voxel_size[1]), float(voxel_size[2])))
