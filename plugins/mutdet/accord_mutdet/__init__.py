@@ -1,0 +1,1 @@
+"""accord-mutdet: MutDet detection pretraining for rotated DETR detectors (DIOR-R, DOTA)."""
