@@ -177,3 +177,19 @@ def test_semisup_trains_and_scores_the_test_cases(tmp_path, msd_root):
     assert set(result["dice_per_class"]) == {"liver", "spleen", "kidney_right", "kidney_left", "spine", "aorta"}
     assert json.loads((tmp_path / "semi" / "results.json").read_text())["dice_per_class"] == result["dice_per_class"]
     assert result["task"] > 0 and "ncc" in result
+
+
+@pytest.mark.parametrize("task", ["gemini_pretrain", "gemini_semisup"])
+def test_gemini_tasks_rerun_and_resume_bit_exact(task, tmp_path, msd_root):
+    from accord.testing.reruns import assert_reruns_are_bit_exact
+    from accord_medssl.gemini.tasks import GEMINI_TRAINER_DEFAULTS, GeminiPretrainConfig, GeminiSemisupConfig
+
+    gemini = {"normalisation": "ct_clip", "network": TINY_NETWORK, "loss": {"window": 5},
+              "corruption": {"shuffle_blocks": 20} if task == "gemini_pretrain" else None}
+    trainer = {**GEMINI_TRAINER_DEFAULTS, "max_steps": 8, "checkpoint_every": 4}
+    extra = {"labelled_cases": 1} if task == "gemini_semisup" else {}
+    config_class = GeminiPretrainConfig if task == "gemini_pretrain" else GeminiSemisupConfig
+    assert_reruns_are_bit_exact(
+        lambda run_dir: config_class(plugin="medssl", task=task, run_dir=run_dir, data=msd_root, size=(16, 16, 12),
+                                     gemini=gemini, trainer=trainer, **extra),
+        tmp_path)
