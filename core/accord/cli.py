@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, NoReturn, Optional, TypeVar
@@ -492,6 +493,10 @@ def _show_accord_logs() -> None:
     handler.addFilter(lambda record: record.levelno >= logging.WARNING or record.name.startswith("accord"))
     handler.setFormatter(_LevelPrefixFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    # MONAI warns at every DICOM-capable reader's creation that its optional GPU decoder is missing;
+    # on a CPU install that is expected and says nothing about the run.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin", category=UserWarning)
 
 
 class _LevelPrefixFormatter(logging.Formatter):
