@@ -691,16 +691,26 @@ class _MiningCase:
     image: torch.Tensor
 
 
+def _read_reference_embedding(path: Path) -> dict[str, Any]:
+    """The reference's per-volume embedding dict, every array read into memory (no pickle)."""
+    with np.load(path, allow_pickle=False) as arrays:
+        embedding = {key: arrays[key] for key in arrays.files}
+    embedding["im_shape"] = tuple(int(side) for side in embedding["im_shape"])
+    return embedding
+
+
 def _reference_mine(query: _MiningCase, anchor: _MiningCase, embed_dir: Path, crop_size: Sequence[int],
                     threshold: float, max_attempts: int, stride: int, generator: torch.Generator) -> dict[str, Any]:
     """One pair along the reference's data path (engine_pretrain.py + interfaces.py, medssl §1.3).
 
-    Per pair: both pickled embedding dicts are loaded; per try: a random foreground voxel, the
-    three whole-NIfTI ``read_info`` reads, and :func:`_reference_find_point`, until the score
-    exceeds ``threshold`` or ``max_attempts`` tries were made; then the two crops.
+    Per pair: both embedding files are read whole (the reference unpickles a dict per volume; the same
+    arrays are stored here as ``.npz``, read without pickle, so a benchmark never runs code from
+    data); per try: a random foreground voxel, the three whole-NIfTI ``read_info`` reads, and
+    :func:`_reference_find_point`, until the score exceeds ``threshold`` or ``max_attempts`` tries
+    were made; then the two crops.
     """
-    query_embedding = np.load(embed_dir / f"{query.name}.npy", allow_pickle=True).item()
-    anchor_embedding = np.load(embed_dir / f"{anchor.name}.npy", allow_pickle=True).item()
+    query_embedding = _read_reference_embedding(embed_dir / f"{query.name}.npz")
+    anchor_embedding = _read_reference_embedding(embed_dir / f"{anchor.name}.npz")
     foreground = (query.image[0] > 0).flatten().nonzero().squeeze(1)
     tries, score = 0, -math.inf
     while tries < max_attempts and score <= threshold:
@@ -735,9 +745,10 @@ def mining_speed(
     embedding is trained ``train_steps`` steps at the quick benchmark's scale (on 10 of them) and
     embeds all of them. Its maps are written twice, untimed, as the two sides precompute them:
 
-    - the reference's per-case pickled dict (``{name}.npy`` with fp16 ``coarse_emb`` /
-      ``fine_emb``), read by :func:`_reference_mine` (two pickle loads per pair, three whole-NIfTI
-      reads per try, coarse maps upsampled on every try);
+    - the reference's per-case embedding dict (fp16 ``coarse_emb`` / ``fine_emb``; the reference
+      pickles it, here the same arrays are an ``{name}.npz`` read without pickle), read whole by
+      :func:`_reference_mine` (two loads per pair, three whole-NIfTI reads per try, coarse maps
+      upsampled on every try);
     - accord's embedding store (one memory-mapped ``.anat`` per volume, normalised float16), read
       by :class:`~accord_medssl.anatomy.AnatomicalViewMiner` through
       :func:`~accord_medssl.anatomy.store_embedder`, with the reference's scoring and with the
@@ -767,11 +778,10 @@ def mining_speed(
         stride = model.local_stride
         for case in cases:
             embedding = model.embed_volume(case.image)
-            np.save(embed_dir / f"{case.name}.npy", {
-                "coarse_emb": embedding.global_map[None].numpy().astype(np.float16),
-                "fine_emb": embedding.local_map[None].numpy().astype(np.float16),
-                "im_norm_ratio": np.ones(3), "im_shape": tuple(case.image.shape[1:]),
-            }, allow_pickle=True)
+            np.savez(embed_dir / f"{case.name}.npz",
+                     coarse_emb=embedding.global_map[None].numpy().astype(np.float16),
+                     fine_emb=embedding.local_map[None].numpy().astype(np.float16),
+                     im_norm_ratio=np.ones(3), im_shape=np.asarray(case.image.shape[1:]))
             AnatomySearchIndex.from_embedding(embedding).save(store_dir / f"{case.name}.anat")
         store_mb = sum(path.stat().st_size for path in store_dir.iterdir()) / 2**20
         reference_mb = sum(path.stat().st_size for path in embed_dir.iterdir()) / 2**20
