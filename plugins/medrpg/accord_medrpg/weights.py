@@ -114,33 +114,32 @@ def _load_mapped(model: nn.Module, path: Path, mapped: dict[str, torch.Tensor], 
     return sorted(mapped)
 
 
-def load_transvg(model: nn.Module, path: str | Path) -> list[str]:
-    """Load a whole TransVG / MedRPG checkpoint into ``model`` (strict, see the module). Returns the keys loaded."""
-    path = Path(path)
+def _mapped_state(path: Path, map_key, skip) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``(model-named tensors, checkpoint keys with no mapping)`` of ``path``, ``skip(key)`` ones left out."""
     mapped, unknown = {}, []
     for key, value in read_state_dict(path).items():
-        if _DROPPED.search(key):
+        if skip(key):
             continue
-        target = map_transvg_key(key)
+        target = map_key(key)
         if target is None:
             unknown.append(key)
         else:
             mapped[target] = value
+    return mapped, unknown
+
+
+def load_transvg(model: nn.Module, path: str | Path) -> list[str]:
+    """Load a whole TransVG / MedRPG checkpoint into ``model`` (strict, see the module). Returns the keys loaded."""
+    path = Path(path)
+    mapped, unknown = _mapped_state(path, map_transvg_key, lambda key: _DROPPED.search(key))
     return _load_mapped(model, path, mapped, unknown, ("",))
 
 
 def load_detr(model: nn.Module, path: str | Path) -> list[str]:
     """Load the visual branch (ResNet, ``input_proj``, encoder) from a DETR checkpoint. Returns the keys loaded."""
     path = Path(path)
-    mapped, unknown = {}, []
-    for key, value in read_state_dict(path).items():
-        if _DROPPED.search(key) or _DETR_IGNORED.search(key):
-            continue
-        target = map_detr_key(key)
-        if target is None:
-            unknown.append(key)
-        else:
-            mapped[target] = value
+    mapped, unknown = _mapped_state(path, map_detr_key,
+                                    lambda key: _DROPPED.search(key) or _DETR_IGNORED.search(key))
     return _load_mapped(model, path, mapped, unknown, ("visual.",))
 
 
