@@ -7,6 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 # Plugins to install and demo (directories under plugins/); default: all of them.
 PLUGINS ?= $(notdir $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml)))
 DEMO_OUT ?= runs/demo
+# torch threads of every demo benchmark (empty: torch's default); 1 is faster on a machine other jobs share.
+DEMO_THREADS ?=
 
 .PHONY: setup test demo clean
 
@@ -44,7 +46,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/accord demo --out $(DEMO_OUT) $(foreach p,$(PLUGINS),--plugin $(p))
+	$(BIN)/accord demo --out $(DEMO_OUT) $(foreach p,$(PLUGINS),--plugin $(p)) $(if $(DEMO_THREADS),--threads $(DEMO_THREADS))
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

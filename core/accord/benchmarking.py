@@ -113,6 +113,9 @@ class BenchmarkResult:
         notes: sentences a reader needs to read the tables (settings, caveats).
         command: the command line that reproduces this result.
         wall_time_s: seconds the benchmark ran.
+        conditions: torch threads, CPUs and load averages when it finished
+            (:func:`accord.utils.timing.machine_state`): a load above the CPU count means other jobs
+            shared the cores and the wall time is not the benchmark's alone.
     """
 
     title: str
@@ -123,6 +126,7 @@ class BenchmarkResult:
     notes: list[str] = field(default_factory=list)
     command: str = ""
     wall_time_s: float | None = None
+    conditions: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def measured(cls, title: str, values: Mapping[str, Any], notes: Sequence[str] = ()) -> BenchmarkResult:
@@ -135,8 +139,12 @@ class BenchmarkResult:
         if self.paper is not None:
             parts.append(self.paper.markdown())
         if self.command:
-            wall = "" if self.wall_time_s is None else f" ({self.wall_time_s / 60:.1f} min)"
-            parts.append(f"Reproduce{wall}: `{self.command}`")
+            ran = [] if self.wall_time_s is None else [f"{self.wall_time_s / 60:.1f} min"]
+            if self.conditions:
+                ran.append(f"{self.conditions['torch_threads']} torch threads on {self.conditions['cpus']} CPUs, "
+                           f"load {self.conditions['load_5min']:.1f}")
+            when = f" ({'; '.join(ran)})" if ran else ""
+            parts.append(f"Reproduce{when}: `{self.command}`")
         return "\n\n".join(parts) + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -276,18 +284,25 @@ def _command(component: Component[Any], cfg: BenchmarkConfig) -> str:
 def run_benchmark(component: Component[Any], cfg: BenchmarkConfig) -> BenchmarkResult:
     """Run a registered benchmark, then write its ``results.md`` and ``results.json`` once.
 
-    The resolved config goes to ``run_dir/config.yaml`` first.
+    The resolved config goes to ``run_dir/config.yaml`` first. The benchmark runs with
+    ``cfg.threads`` torch threads (None: as they are), and the result records the threads and load
+    it ran with (:attr:`BenchmarkResult.conditions`).
 
     Raises:
         TypeError: the benchmark returned something other than a :class:`BenchmarkResult`.
     """
+    from accord.utils.timing import machine_state, torch_threads  # torch: only when a benchmark runs
+
     save_resolved(cfg, cfg.run_dir)
     started = time.perf_counter()
-    result = component.obj(cfg)
+    with torch_threads(cfg.threads):
+        result = component.obj(cfg)
+        conditions = machine_state()
     if not isinstance(result, BenchmarkResult):
         raise TypeError(f"benchmark {component.qualname} returned {type(result).__name__}, "
                         "expected accord.benchmarking.BenchmarkResult")
-    result = dataclasses.replace(result, command=_command(component, cfg), wall_time_s=time.perf_counter() - started)
+    result = dataclasses.replace(result, command=_command(component, cfg), wall_time_s=time.perf_counter() - started,
+                                 conditions=conditions)
     _write(result, cfg.run_dir)
     return result
 

@@ -449,6 +449,9 @@ def schema_command(
 def demo_command(
     plugin: List[str] = typer.Option(None, "--plugin", help="plugins to demo (repeatable); default: all installed"),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="output directory"),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="torch threads of every benchmark (default: torch's); 1 is often faster "
+        "when other jobs share the cores"),
 ) -> None:
     """Run each plugin's quick pipeline benchmark on generated data and write OUT/summary.md.
 
@@ -456,7 +459,7 @@ def demo_command(
 
         accord demo
 
-        accord demo --plugin medssl --out runs/demo-medssl
+        accord demo --plugin medssl --out runs/demo-medssl --threads 1
     """
     from accord.demo import run_demo
 
@@ -467,7 +470,7 @@ def demo_command(
     # has speed benchmarks only (kernels, not a pipeline), so the demo leaves it out.
     installed = [name for name in get_host().plugin_names() if name != "engine"]
     selected = list(dict.fromkeys(["core", *(requested or installed)]))
-    summary = _call_task(partial(run_demo, selected), out)
+    summary = _call_task(partial(run_demo, selected, threads=threads), out)
     typer.echo(f"wrote {summary}")
 
 

@@ -234,6 +234,10 @@ class BenchmarkConfig(RunConfig):
     seeds: list[int] = Field(
         [0, 1, 2], min_length=1, description="seeds of the compared runs (quick: the first two unless seeds is given)"
     )
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads while the benchmark runs (None: torch's default); 1 is "
+        "often faster on a machine other jobs share and gives stable speed ratios"
+    )
 
     def run_seeds(self) -> list[int]:
         """``seeds``; under ``quick`` only the first two of the default ones (given seeds are all run)."""

@@ -12,13 +12,15 @@ from accord.utils.files import write_text_atomically
 __all__ = ["run_demo"]
 
 
-def run_demo(plugins: list[str], out: Path) -> Path:
+def run_demo(plugins: list[str], out: Path, threads: int | None = None) -> Path:
     """Run the quick version of each plugin's pipeline benchmarks and write ``out/summary.md``.
 
     Args:
         plugins: plugin names, in page order; a plugin without a pipeline benchmark is listed as
             such, so a reader knows it was not skipped silently.
         out: output directory; each benchmark writes to ``out/<plugin>/<benchmark>/``.
+        threads: torch threads of every benchmark (:attr:`~accord.config.BenchmarkConfig.threads`);
+            None: torch's default.
 
     Returns:
         The path of the summary page: per benchmark its tables, notes, command line and wall time
@@ -38,7 +40,8 @@ def run_demo(plugins: list[str], out: Path) -> Path:
             sections += ["No pipeline benchmark registered yet.", ""]
         for component in pipelines:
             console.rule(f"[bold]{component.qualname}: quick benchmark")
-            cfg = benchmark_config(component, quick=True, out=out / plugin / component.name)
+            options = [] if threads is None else [f"threads={threads}"]
+            cfg = benchmark_config(component, quick=True, out=out / plugin / component.name, options=options)
             result = run_benchmark(component, cfg)
             sections += [result.markdown(level=3)]
             for plot in result.plots:
