@@ -130,6 +130,10 @@ class TrainerConfig(StrictModel):
     )
     sgd_momentum: float = Field(0.9, ge=0, lt=1)
     warmup_steps: int = Field(0, ge=0)
+    warmup_start_factor: float = Field(
+        0.0, ge=0, lt=1, description="the warm-up rises linearly from lr x this factor to lr (mmcv's warmup_ratio; "
+        "the rotated-DETR configs use 1/3)"
+    )
     schedule: Literal["cosine", "constant", "step"] = "cosine"
     lr_drop_steps: list[int] = Field(
         [], description="schedule step: optimizer steps after which the lr is multiplied by lr_drop_factor "

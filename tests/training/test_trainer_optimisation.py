@@ -245,3 +245,19 @@ def test_step_schedule_drops_the_lr_like_torch_multisteplr() -> None:
         TrainerConfig(max_steps=10, lr_drop_steps=[3])
     with pytest.raises(ValueError, match="must be increasing positive step counts"):
         TrainerConfig(max_steps=10, schedule="step", lr_drop_steps=[6, 3])
+
+
+@pytest.mark.parametrize("schedule", ["step", "cosine", "constant"])
+def test_warmup_start_factor_rises_like_torch_linearlr(schedule: str) -> None:
+    """Warm-up from lr/3 (mmcv's ``warmup_ratio``) equals torch's ``LinearLR(start_factor=1/3)``."""
+    config = TrainerConfig(max_steps=12, lr=0.3, schedule=schedule, warmup_steps=4, warmup_start_factor=1 / 3,
+                           **({"lr_drop_steps": [8]} if schedule == "step" else {}))
+    parameter = torch.nn.Parameter(torch.zeros(()))
+    optimizer = torch.optim.SGD([parameter], lr=0.3)
+    reference = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / 3, total_iters=4)
+    for step in range(4):
+        assert learning_rate_at(step, config) == pytest.approx(optimizer.param_groups[0]["lr"]), step
+        optimizer.step()
+        reference.step()
+    assert learning_rate_at(4, config) == pytest.approx(0.3)
+    assert learning_rate_at(0, config.model_copy(update={"warmup_start_factor": 0.0})) == 0.0

@@ -34,7 +34,6 @@ from accord.matchers._grid import (
     check_matrices,
     nearest_cell,
     resize_scale,
-    transform_points,
 )
 from accord.matchers.base import Matcher, MatchResult
 
@@ -106,14 +105,18 @@ def project_points(
     _check_projection_options(min_depth, margin)
     matrices, batched = check_matrices(projection, "projection", 3, 4)
     # Calibration often stays on the CPU while the points are on the accelerator.
-    projected = transform_points(matrices.to(points.device), points.to(torch.float64))  # (V, N, 3)
-    depth = projected[..., 2]
+    matrices = matrices.to(points.device)
+    # Coordinate-major (V, 3, N): u w, v w and w are contiguous rows, about twice as fast on
+    # a CPU as the point-major (V, N, 3) product (superflow's pairing benchmark).
+    projected = matrices[..., :3] @ points.to(torch.float64).T + matrices[..., 3:]
+    depth = projected[:, 2]
     in_front = depth > min_depth
     # Points not in front are dropped anyway; dividing them by 1 keeps their pixels finite.
-    pixel = projected[..., :2] / torch.where(in_front, depth, torch.ones_like(depth)).unsqueeze(-1)
-    upper = torch.tensor([width, height], dtype=torch.float64, device=points.device) - 0.5 - margin
-    on_image = ((pixel >= margin - 0.5) & (pixel < upper)).all(dim=-1)
-    found = PointProjection(pixel, depth, in_front & on_image)
+    denominator = torch.where(in_front, depth, torch.ones_like(depth))
+    column, row = projected[:, 0] / denominator, projected[:, 1] / denominator
+    valid = in_front & (column >= margin - 0.5) & (column < width - 0.5 - margin)
+    valid &= (row >= margin - 0.5) & (row < height - 0.5 - margin)
+    found = PointProjection(torch.stack([column, row], dim=-1), depth, valid)
     return found if batched else PointProjection(*(value[0] for value in found))
 
 

@@ -35,15 +35,16 @@ __all__ = [
 def learning_rate_at(step: int, config: TrainerConfig) -> float:
     """Learning rate of the optimizer step taken after ``step`` completed steps (0-based).
 
-    Linear warm-up from 0 over ``warmup_steps``, then either cosine from ``lr`` to ``min_lr`` at
-    ``max_steps`` (:func:`accord.utils.schedules.linear_warmup_cosine`), constant ``lr``, or (``step``)
-    ``lr`` times ``lr_drop_factor`` for each of ``lr_drop_steps`` already completed (torch's
-    ``MultiStepLR``: with milestone 60, the step after 60 completed steps runs at the dropped rate).
+    Linear warm-up from ``lr * warmup_start_factor`` (default 0) over ``warmup_steps``, then either
+    cosine from ``lr`` to ``min_lr`` at ``max_steps`` (:func:`accord.utils.schedules.linear_warmup_cosine`),
+    constant ``lr``, or (``step``) ``lr`` times ``lr_drop_factor`` for each of ``lr_drop_steps`` already
+    completed (torch's ``MultiStepLR``: with milestone 60, the step after 60 completed steps runs at the
+    dropped rate).
     """
+    if step < config.warmup_steps:
+        return linear_schedule(step, config.warmup_steps, config.lr * config.warmup_start_factor, config.lr)
     if config.schedule == "cosine":
         return linear_warmup_cosine(step, config.warmup_steps, config.max_steps, config.lr, config.min_lr)
-    if step < config.warmup_steps:
-        return linear_schedule(step, config.warmup_steps, 0.0, config.lr)
     if config.schedule == "step":
         return config.lr * config.lr_drop_factor ** sum(step >= drop for drop in config.lr_drop_steps)
     return config.lr
