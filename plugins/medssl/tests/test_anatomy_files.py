@@ -78,13 +78,18 @@ def test_store_round_trip_is_memory_mapped_and_exact(tmp_path: Path) -> None:
     index, path = stored_index(tmp_path)
     opened = AnatomySearchIndex.open(path)
     assert (opened.volume_shape, opened.global_stride, opened.local_stride) == (VOLUME_SHAPE, (8, 8, 8), (2, 2, 2))
-    for name in ("global_vectors", "local_vectors", "upsampled_global_norms"):
+    for name in ("global_vectors", "local_blocks", "local_block_norms", "upsampled_global_norms"):
         assert torch.equal(getattr(opened, name), getattr(index, name)), name
-    assert opened.local_vectors.dtype == torch.float16 and opened.local_vectors.shape == (10 * 9 * 8, 6)
+    # Local grid 10 x 9 x 8 in blocks of 8^3 cells: 2 x 2 x 1 blocks, zero-padded.
+    assert opened.local_blocks.dtype == torch.float16 and opened.local_blocks.shape == (4, 512, 6)
+    local = opened.local_vectors()
+    assert local.shape == (10 * 9 * 8, 6)
+    assert int((opened.local_blocks.float().norm(dim=2) > 0).sum()) == 720  # the rest is padding
     _, arrays = read_embedding_store(path)
     assert all(isinstance(array, np.memmap) for array in arrays.values())
     # Pre-normalised: unit rows up to float16 rounding.
-    torch.testing.assert_close(opened.local_vectors.float().norm(dim=1), torch.ones(720), atol=2e-3, rtol=0)
+    torch.testing.assert_close(local.float().norm(dim=1), torch.ones(720), atol=2e-3, rtol=0)
+    torch.testing.assert_close(opened.local_block_norms, torch.ones(4), atol=2e-3, rtol=0)
 
 
 def test_store_refuses_old_foreign_truncated_and_corrupt_files(tmp_path: Path) -> None:
@@ -93,10 +98,12 @@ def test_store_refuses_old_foreign_truncated_and_corrupt_files(tmp_path: Path) -
     cases = {
         "old.anat": np.lib.format.magic(1, 0) + data[8:],  # e.g. an .npy renamed
         "version.anat": data[:11] + struct.pack("<I", STORE_VERSION + 1) + data[15:],
+        "v1.anat": data[:11] + struct.pack("<I", 1) + data[15:],  # the unblocked layout of earlier accords
         "truncated.anat": data[:-100],
         "header.anat": data[:19] + b"{" * 8 + data[27:],
     }
     messages = {"old.anat": "not an accord anatomy-embedding store", "version.anat": "format version",
+                "v1.anat": "format version 1, this accord reads version 2; delete the file",
                 "truncated.anat": "truncated", "header.anat": "corrupt"}
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
@@ -120,5 +127,14 @@ def test_store_embedder_writes_each_volume_once(tmp_path: Path) -> None:
         index = store_embedder(tmp_path / "store", fallback=counted)("case_1", volume)
     assert calls == ["case_1"] and (tmp_path / "store" / "case_1.anat").is_file()
     assert isinstance(index, AnatomySearchIndex)
+    # The last open_files mappings stay open: the same index again, a new one after eviction.
+    write_maps(tmp_path, "case_3")
+    embed = store_embedder(tmp_path / "store", fallback=source, open_files=1)
+    first = embed("case_1", volume)
+    assert embed("case_1", volume) is first
+    embed("case_3", volume)
+    assert embed("case_1", volume) is not first
+    with pytest.raises(ValueError, match="open_files"):
+        store_embedder(tmp_path / "store", open_files=0)
     with pytest.raises(ValueError, match="case_2.anat"):
         store_embedder(tmp_path / "store")("case_2", volume)

@@ -14,9 +14,12 @@ from accord_medssl.anatomy import (
     AnatomicalViewMiner,
     AnatomyEmbedding,
     AnatomySearchIndex,
+    cell_to_voxel,
+    embedding_grid_shape,
     file_embedder,
     similarity_map,
     store_embedder,
+    voxel_to_cell,
 )
 from accord_medssl.views import MiningOptions, build_miner
 
@@ -73,7 +76,8 @@ def random_embedding(seed: int, shape=(20, 18, 12)) -> AnatomyEmbedding:
         # A shared offset keeps cosines spread around 0.5 instead of 0.
         return torch.randn(channels, *grid, generator=generator) + 1.0
 
-    return AnatomyEmbedding(global_map=maps(8, (3, 3, 2)), local_map=maps(6, (10, 9, 6)), global_stride=(8, 8, 8),
+    return AnatomyEmbedding(global_map=maps(8, embedding_grid_shape(shape, 8)),
+                            local_map=maps(6, embedding_grid_shape(shape, 2)), global_stride=(8, 8, 8),
                             local_stride=(2, 2, 2), volume_shape=shape)
 
 
@@ -119,15 +123,45 @@ def test_mining_options_build_a_store_backed_miner(tmp_path: Path) -> None:
     assert stored.mine([volume], [volume], ["a"], ["a"]).scores.shape == mined.scores.shape
 
 
-def test_chunked_matching_equals_the_full_similarity_map(monkeypatch: pytest.MonkeyPatch) -> None:
-    from accord_medssl.anatomy import miner, match_points
+def test_block_search_equals_the_exhaustive_argmax() -> None:
+    from accord_medssl.anatomy.miner import best_matches, search
 
-    source, target = (AnatomySearchIndex.from_embedding(random_embedding(seed)) for seed in (7, 8))
-    points = torch.tensor([[0, 0, 0], [7, 9, 5], [19, 17, 11], [12, 3, 8]])
+    # Local grid 30 x 25 x 20: 4 x 4 x 3 blocks of 8^3 cells, the last ones padded.
+    shape = (60, 50, 40)
+    source, target = (AnatomySearchIndex.from_embedding(random_embedding(seed, shape)) for seed in (7, 8))
+    generator = torch.Generator().manual_seed(9)
+    points = torch.stack([torch.randint(0, size, (12,), generator=generator) for size in shape], dim=1)
     for scoring in ("reference", "nearest"):
-        scores = similarity_map(points, source, target, scoring)
-        monkeypatch.setattr(miner, "MATCH_CHUNK_CELLS", 37)  # 540 cells: 15 chunks, the last partial
-        matched, best = match_points(points, source, target, scoring)
-        torch.testing.assert_close(best, scores.max(dim=1).values)
-        assert torch.equal(matched, miner.best_matches(scores, target)[0])
-        monkeypatch.undo()
+        matched, best = best_matches(similarity_map(points, source, target, scoring), target)
+        result = search(points, source, target, scoring)
+        assert torch.equal(result.matched, matched), scoring
+        torch.testing.assert_close(result.scores, best)
+        assert result.blocks_total == 12 * 48 and 12 <= result.blocks_read <= result.blocks_total
+    # Ties (a constant embedding): the lowest cell wins, as the exhaustive argmax.
+    flat = AnatomyEmbedding(global_map=torch.ones(4, 8, 7, 5), local_map=torch.ones(3, 30, 25, 20),
+                            global_stride=(8, 8, 8), local_stride=(2, 2, 2), volume_shape=shape)
+    index = AnatomySearchIndex.from_embedding(flat)
+    result = search(points[:2], index, index)
+    assert result.matched.tolist() == [[1, 1, 1], [1, 1, 1]]
+    assert torch.equal(result.matched, best_matches(similarity_map(points[:2], index, index), index)[0])
+
+
+def test_block_search_reads_few_blocks_of_a_distinctive_embedding(tmp_path: Path) -> None:
+    from accord_medssl.anatomy.miner import search
+
+    # Zero-mean random vectors: every cell unlike the others, as a trained embedding far from the
+    # query's anatomy. Matching a volume into itself finds each point's own cell (score 1) after
+    # reading the blocks near it only; from the memory-mapped store the same.
+    shape = (64, 64, 48)
+    generator = torch.Generator().manual_seed(10)
+    embedding = AnatomyEmbedding(global_map=torch.randn(32, 8, 8, 6, generator=generator),
+                                 local_map=torch.randn(32, 32, 32, 24, generator=generator),
+                                 global_stride=(8, 8, 8), local_stride=(2, 2, 2), volume_shape=shape)
+    index = AnatomySearchIndex.from_embedding(embedding)
+    stored = AnatomySearchIndex.open(index.save(tmp_path / "volume.anat"))
+    points = torch.tensor([[0, 0, 0], [33, 20, 17], [63, 63, 47], [10, 50, 30]])
+    for target in (index, stored):
+        result = search(points, index, target)
+        assert torch.equal(result.matched, cell_to_voxel(voxel_to_cell(points, 2, shape), 2, shape))
+        torch.testing.assert_close(result.scores, torch.ones(4), atol=2e-3, rtol=0)
+        assert result.blocks_read <= result.blocks_total // 4, (result.blocks_read, result.blocks_total)

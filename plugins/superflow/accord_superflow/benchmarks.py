@@ -189,7 +189,7 @@ def _ring_clouds(num_points: int, num_clouds: int) -> tuple[torch.Tensor, torch.
     return points, torch.arange(num_clouds).repeat_interleave(num_points)
 
 
-def benchmark_voxelization(num_points: int = 34_000, num_clouds: int = 8, repeats: int = 7,
+def benchmark_voxelization(num_points: int = 34_000, num_clouds: int = 8, repeats: int = 15,
                            device: str = "auto") -> dict[str, Any]:
     """Cylindrical voxelisation of ``num_clouds`` nuScenes-sized clouds: accord's batched voxeliser
     vs :func:`reference_voxelize` (NumPy, cloud by cloud), alternated in this process.
@@ -303,8 +303,6 @@ class ThroughputConfig(BenchmarkConfig):
     image_size: tuple[int, int] = Field((224, 448), description="teacher input (height, width) (quick: the quick "
                                                                 "pipeline's 28 x 56)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1, description="torch threads while timing; 1 gives stable ratios on a "
-                                                        "shared machine; None: torch's default")
 
 
 def throughput(cfg: ThroughputConfig) -> BenchmarkResult:

@@ -11,21 +11,24 @@ from accord_superflow.benchmarks import reference_pairing, reference_voxelize
 from accord_superflow.models.voxelize import cylindrical_voxelize
 
 
-def clouds(sizes: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clouds of ``sizes`` points in random order (ids interleaved), duplicates included."""
+def clouds(sizes: list[int], seed: int, interleaved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clouds of ``sizes`` points, duplicates included; ``interleaved``: in random order (ids mixed),
+    else cloud after cloud (the grouped fast path)."""
     generator = torch.Generator().manual_seed(seed)
     total = sum(sizes)
     xyz = (torch.rand(total, 3, generator=generator) - 0.5) * torch.tensor([40.0, 40.0, 6.0])
     xyz[: total // 4] = xyz[total // 4 : 2 * (total // 4)]  # repeated points share voxels
     points = torch.cat([xyz, 255 * torch.rand(total, 1, generator=generator)], dim=1)
     cloud = torch.cat([torch.full((size,), index) for index, size in enumerate(sizes)])
-    order = torch.randperm(total, generator=generator)
+    order = torch.randperm(total, generator=generator) if interleaved else torch.arange(total)
     return points[order], cloud[order]
 
 
+@pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize(("sizes", "voxel_size"), [([500, 1, 300], (0.1, 1.0, 0.1)), ([800, 800], (2.0, 20.0, 1.0))])
-def test_voxels_equal_the_reference_per_cloud(sizes: list[int], voxel_size: tuple[float, float, float]) -> None:
-    points, cloud = clouds(sizes, seed=len(sizes))
+def test_voxels_equal_the_reference_per_cloud(sizes: list[int], voxel_size: tuple[float, float, float],
+                                              interleaved: bool) -> None:
+    points, cloud = clouds(sizes, seed=len(sizes), interleaved=interleaved)
     voxels = cylindrical_voxelize(points, cloud, len(sizes), voxel_size)
     reference = reference_voxelize(points.numpy(), cloud.numpy(), len(sizes), voxel_size)
     offset = 0

@@ -17,6 +17,10 @@ Layout, all little-endian:
   ``offset`` from the start of the file;
 - the raw C-order arrays, each starting at a multiple of 64 bytes.
 
+Version 2 stores the local map in blocks of cells (the windows a search reads,
+:class:`~accord_medssl.anatomy.miner.AnatomySearchIndex`); version 1 stored it as one C-order
+array and is refused (rebuild it from its source).
+
 A file of another version, a truncated one or one without the magic is refused with a message
 naming it (delete it: :func:`~accord_medssl.anatomy.miner.store_embedder` rewrites it from its
 source).
@@ -56,7 +60,7 @@ __all__ = [
 #: File name suffix of embedding store files.
 STORE_SUFFIX = ".anat"
 #: The store format this code writes and reads; bump it when the layout or the prepared values change.
-STORE_VERSION = 1
+STORE_VERSION = 2
 _MAGIC = b"\x93ACCORDANAT"
 _PREFIX = struct.Struct("<II")  # version, header length
 _ALIGNMENT = 64
@@ -172,6 +176,9 @@ def read_embedding_store(path: str | Path) -> tuple[dict[str, Any], dict[str, np
         try:
             header = json.loads(handle.read(length).decode("utf-8"))
             entries = header.pop("arrays")
+            # One mapping of the whole file, the arrays views into it: a mapping holds a file
+            # descriptor, and a miner keeps hundreds of stores open.
+            mapping = np.memmap(file, dtype=np.uint8, mode="c")
             arrays = {}
             for entry in entries:
                 dtype = np.dtype(entry["dtype"])
@@ -181,7 +188,7 @@ def read_embedding_store(path: str | Path) -> tuple[dict[str, Any], dict[str, np
                 end = int(entry["offset"]) + dtype.itemsize * int(np.prod(shape))
                 if end > size:
                     raise ValueError(f"array {entry['name']!r} ends at byte {end}, the file has {size} (truncated?)")
-                arrays[entry["name"]] = np.memmap(file, dtype=dtype, mode="c", offset=int(entry["offset"]), shape=shape)
+                arrays[entry["name"]] = mapping[int(entry["offset"]):end].view(dtype).reshape(shape)
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as error:
             raise ValueError(f"{file}: corrupt anatomy-embedding store: {error}") from None
     return header, arrays

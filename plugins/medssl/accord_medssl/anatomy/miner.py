@@ -23,9 +23,12 @@ Each sample of a batch gets its own point (the reference used sample 0's point f
 bug 2).
 
 Embeddings are prepared once per volume (:class:`AnatomySearchIndex`: L2-normalised, float16,
-channel-last) and either kept in an LRU cache or written to an embedding store and memory-mapped
-(:func:`store_embedder`); a search reads the query's vectors at its candidate cells only and the
-anchor's maps, so its cost depends on the two volumes, not on how many the dataset holds.
+channel-last, the local map in blocks of ``LOCAL_BLOCK^3`` cells) and either kept in an LRU cache or
+written to an embedding store and memory-mapped (:func:`store_embedder`). A search reads the
+query's vectors at its candidate cells, the target's global map (small; with the reference scoring
+also one float32 norm per local cell) and only the **local blocks that can still hold the best
+match** (:func:`match_points`: branch and bound over blocks, exact), so its cost depends on the two
+volumes and on how peaked the embedding is, never on how many volumes the dataset holds.
 """
 
 from __future__ import annotations
@@ -58,13 +61,16 @@ from accord_medssl.anatomy.grid import (
 )
 
 __all__ = [
+    "LOCAL_BLOCK",
     "SCORINGS",
     "AnatomicalViewMiner",
     "AnatomySearchIndex",
+    "MatchResult",
     "MinedViews",
     "Scoring",
     "best_matches",
     "match_points",
+    "search",
     "similarity_map",
     "store_embedder",
     "unravel_cells",
@@ -77,8 +83,14 @@ SCORINGS: tuple[str, ...] = ("reference", "nearest")
 VECTOR_DTYPE = torch.float16
 #: Channels upsampled at once when computing the norms (bounds the temporary on large volumes).
 _NORM_CHUNK_CHANNELS = 16
-#: Local cells :func:`match_points` scores at once (a 128-channel chunk is 32 MiB in float32).
-MATCH_CHUNK_CELLS = 1 << 16
+#: Local cells per block edge: the local map is stored and read in blocks of ``LOCAL_BLOCK^3``
+#: cells (512 cells, 128 KiB at 128 float16 channels), the windows a search reads.
+LOCAL_BLOCK = 8
+#: Most blocks :func:`match_points` scores in one step (a float32 copy of at most 16 MiB at 128 channels).
+MAX_BLOCKS_PER_STEP = 64
+#: Added to every block's bound: float32 rounding of a 128-term dot product is far below it, so
+#: a block is skipped only when no cell in it can reach the best score found.
+_BOUND_SLACK = 1e-4
 
 
 def _ravel(cells: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
@@ -145,25 +157,72 @@ def _global_of_local(
     return _ravel(global_cells, embedding_grid_shape(volume_shape, global_stride))
 
 
+def _blocked_shape(grid: Sequence[int]) -> tuple[int, int, int]:
+    """Blocks of :data:`LOCAL_BLOCK` cells per axis that cover ``grid`` (the last ones padded)."""
+    return tuple(-(-size // LOCAL_BLOCK) for size in grid)
+
+
+def _to_blocks(values: torch.Tensor, grid: Sequence[int], fill: float) -> torch.Tensor:
+    """``(n, N, *rest)`` values in C order over ``grid`` -> ``(n, num_blocks, LOCAL_BLOCK^3, *rest)``,
+    blocks in C order, cells C order within a block, padding cells set to ``fill``."""
+    blocks = _blocked_shape(grid)
+    rest = values.shape[2:]
+    volume = values.reshape(values.shape[0], *grid, -1)
+    pad = [0, 0]
+    for size, count in zip(reversed(grid), reversed(blocks)):
+        pad += [0, count * LOCAL_BLOCK - size]
+    volume = F.pad(volume, pad, value=fill)
+    volume = volume.reshape(values.shape[0], blocks[0], LOCAL_BLOCK, blocks[1], LOCAL_BLOCK, blocks[2], LOCAL_BLOCK, -1)
+    blocked = volume.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(values.shape[0], math.prod(blocks), LOCAL_BLOCK**3, -1)
+    return blocked.reshape(*blocked.shape[:3], *rest)
+
+
+def _from_blocks(blocked: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`_to_blocks` for one volume: ``(num_blocks, LOCAL_BLOCK^3, C)`` -> ``(N, C)``."""
+    blocks = _blocked_shape(grid)
+    volume = blocked.reshape(*blocks, LOCAL_BLOCK, LOCAL_BLOCK, LOCAL_BLOCK, -1).permute(0, 3, 1, 4, 2, 5, 6)
+    volume = volume.reshape(*(count * LOCAL_BLOCK for count in blocks), -1)
+    return volume[: grid[0], : grid[1], : grid[2]].reshape(math.prod(grid), -1)
+
+
+def _block_positions(cells: torch.Tensor, grid: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block and position within the block of ``(n, 3)`` local cells."""
+    block = torch.div(cells, LOCAL_BLOCK, rounding_mode="floor")
+    within = cells - block * LOCAL_BLOCK
+    return _ravel(block, _blocked_shape(grid)), _ravel(within, (LOCAL_BLOCK,) * 3)
+
+
+def _cells_of_block_positions(block: torch.Tensor, position: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """C-order flat local cell of (block, position within it) pairs (inverse of :func:`_block_positions`)."""
+    cells = unravel_cells(block, _blocked_shape(grid)) * LOCAL_BLOCK + unravel_cells(position, (LOCAL_BLOCK,) * 3)
+    return _ravel(cells, grid)
+
+
 @dataclass(frozen=True, eq=False)
 class AnatomySearchIndex:
-    """An embedding prepared for matching: L2-normalised float16 vectors, channel-last, C-order.
+    """An embedding prepared for matching: L2-normalised float16 vectors, channel-last.
 
     Built in memory (:meth:`from_embedding`) or memory-mapped from an embedding store file
     (:meth:`open`); both give the same values, so matching does not depend on where it came from.
+    The local map is kept in blocks of ``LOCAL_BLOCK^3`` cells (zero vectors pad the last blocks),
+    the windows :func:`match_points` reads.
 
     Attributes:
-        global_vectors: ``(N_g, C_g)`` over the global grid.
-        local_vectors: ``(N_l, C_l)`` over the local grid.
+        global_vectors: ``(N_g, C_g)`` over the global grid, C order.
+        local_blocks: ``(num_blocks, LOCAL_BLOCK^3, C_l)``: blocks in C order over the local grid
+            padded to whole blocks, cells in C order within a block.
+        local_block_norms: ``(num_blocks,)`` float32 largest norm of a (float16) local vector in
+            each block, for the bound of :func:`match_points`.
         upsampled_global_norms: ``(N_l,)`` float32 norm of the trilinearly upsampled
-            ``global_vectors`` at each local cell ("reference" scoring).
+            ``global_vectors`` at each local cell, C order ("reference" scoring).
         global_stride: voxels per global cell along each axis.
         local_stride: voxels per local cell along each axis.
         volume_shape: the embedded volume's ``(D, H, W)``.
     """
 
     global_vectors: torch.Tensor
-    local_vectors: torch.Tensor
+    local_blocks: torch.Tensor
+    local_block_norms: torch.Tensor
     upsampled_global_norms: torch.Tensor
     global_stride: tuple[int, int, int]
     local_stride: tuple[int, int, int]
@@ -177,14 +236,21 @@ class AnatomySearchIndex:
     def local_grid(self) -> tuple[int, int, int]:
         return embedding_grid_shape(self.volume_shape, self.local_stride)
 
+    @property
+    def local_channels(self) -> int:
+        return self.local_blocks.shape[2]
+
     @classmethod
     def from_embedding(cls, embedding: AnatomyEmbedding) -> AnatomySearchIndex:
         """Prepare ``embedding`` (the vectors stay on its device)."""
         global_vectors = F.normalize(embedding.global_map.flatten(1).T.float(), dim=1).to(VECTOR_DTYPE)
         local_grid = tuple(embedding.local_map.shape[1:])
+        local_vectors = F.normalize(embedding.local_map.flatten(1).T.float(), dim=1).to(VECTOR_DTYPE)
+        local_blocks = _to_blocks(local_vectors[None], local_grid, 0.0)[0]
         return cls(
             global_vectors=global_vectors,
-            local_vectors=F.normalize(embedding.local_map.flatten(1).T.float(), dim=1).to(VECTOR_DTYPE),
+            local_blocks=local_blocks,
+            local_block_norms=local_blocks.float().norm(dim=2).amax(dim=1),
             upsampled_global_norms=_upsampled_norms(global_vectors, embedding.global_map.shape[1:], local_grid),
             global_stride=tuple(embedding.global_stride),
             local_stride=tuple(embedding.local_stride),
@@ -194,9 +260,8 @@ class AnatomySearchIndex:
     def save(self, path: str | Path) -> Path:
         """Write this index as an embedding store file (:func:`~accord_medssl.anatomy.write_embedding_store`)."""
         header = {"volume_shape": list(self.volume_shape), "global_stride": list(self.global_stride),
-                  "local_stride": list(self.local_stride)}
-        arrays = {"global_vectors": self.global_vectors, "local_vectors": self.local_vectors,
-                  "upsampled_global_norms": self.upsampled_global_norms}
+                  "local_stride": list(self.local_stride), "local_block": LOCAL_BLOCK}
+        arrays = {name: getattr(self, name) for name in _STORE_ARRAYS}
         return write_embedding_store(path, header, {name: value.cpu().numpy() for name, value in arrays.items()})
 
     @classmethod
@@ -212,19 +277,24 @@ class AnatomySearchIndex:
             volume_shape = tuple(int(size) for size in header["volume_shape"])
             global_stride = check_stride(tuple(header["global_stride"]), "global_stride")
             local_stride = check_stride(tuple(header["local_stride"]), "local_stride")
+            if header["local_block"] != LOCAL_BLOCK:
+                raise ValueError(f"local blocks of {header['local_block']} cells, expected {LOCAL_BLOCK}")
+            local_cells = math.prod(embedding_grid_shape(volume_shape, local_stride))
+            blocks = math.prod(_blocked_shape(embedding_grid_shape(volume_shape, local_stride)))
             expected = {
                 "global_vectors": (math.prod(embedding_grid_shape(volume_shape, global_stride)), None),
-                "local_vectors": (math.prod(embedding_grid_shape(volume_shape, local_stride)), None),
-                "upsampled_global_norms": (math.prod(embedding_grid_shape(volume_shape, local_stride)),),
+                "local_blocks": (blocks, LOCAL_BLOCK**3, None),
+                "local_block_norms": (blocks,),
+                "upsampled_global_norms": (local_cells,),
             }
             for name, shape in expected.items():
                 actual = arrays[name].shape
-                if len(actual) != len(shape) or actual[0] != shape[0]:
+                if len(actual) != len(shape) or any(e is not None and a != e for a, e in zip(actual, shape)):
                     raise ValueError(f"{name} has shape {actual}, expected {shape} for volume {volume_shape}")
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: corrupt anatomy-embedding store: {error}") from None
         return cls(
-            **{name: torch.from_numpy(array) for name, array in arrays.items()},
+            **{name: torch.from_numpy(arrays[name]) for name in _STORE_ARRAYS},
             global_stride=global_stride,
             local_stride=local_stride,
             volume_shape=volume_shape,
@@ -234,10 +304,19 @@ class AnatomySearchIndex:
         """``(n, 3)`` local cells of voxel ``points`` ``(n, 3)``."""
         return voxel_to_cell(points, self.local_stride, self.volume_shape)
 
+    def local_vectors_at(self, cells: torch.Tensor) -> torch.Tensor:
+        """Float32 ``(n, C_l)`` local vectors at ``(n, 3)`` local cells (reads their blocks' rows only)."""
+        block, position = _block_positions(cells.to(self.local_blocks.device), self.local_grid)
+        return self.local_blocks[block, position].float()
+
+    def local_vectors(self) -> torch.Tensor:
+        """The whole local map, ``(N_l, C_l)`` float16 in C order over the local grid (reads every block)."""
+        return _from_blocks(self.local_blocks, self.local_grid)
+
     def query_vectors(self, points: torch.Tensor, scoring: Scoring) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 global ``(n, C_g)`` and local ``(n, C_l)`` unit vectors at voxel ``points`` ``(n, 3)``."""
-        local_cells = self.point_cells(points).to(self.local_vectors.device)
-        local = self.local_vectors[_ravel(local_cells, self.local_grid)].float()
+        local_cells = self.point_cells(points).to(self.local_blocks.device)
+        local = self.local_vectors_at(local_cells)
         if scoring == "reference":
             upsampled = _upsampled_vectors(self.global_vectors, self.global_grid, self.local_grid, local_cells)
             return F.normalize(upsampled, dim=1), local
@@ -255,10 +334,15 @@ class AnatomySearchIndex:
         return on_global_grid[:, lookup.to(on_global_grid.device)]
 
 
+#: The arrays of a store file, in file order.
+_STORE_ARRAYS = ("global_vectors", "local_blocks", "local_block_norms", "upsampled_global_norms")
+
+
 def _check_compatible(source: AnatomySearchIndex, target: AnatomySearchIndex) -> None:
-    for kind in ("global", "local"):
-        source_dim = getattr(source, f"{kind}_vectors").shape[1]
-        target_dim = getattr(target, f"{kind}_vectors").shape[1]
+    for kind, source_dim, target_dim in (
+        ("global", source.global_vectors.shape[1], target.global_vectors.shape[1]),
+        ("local", source.local_channels, target.local_channels),
+    ):
         if source_dim != target_dim:
             raise ValueError(f"target: {kind} embedding has {target_dim} channels, the source's has {source_dim}")
 
@@ -275,7 +359,8 @@ def similarity_map(
 
     ``(global_q . global_x + local_q . local_x) / 2`` with the global vectors of ``scoring``
     (module docstring): trilinearly upsampled and re-normalised (``"reference"``) or the global cell
-    containing the local cell's centre (``"nearest"``).
+    containing the local cell's centre (``"nearest"``). Reads the target's whole local map (for
+    evaluation; mining uses :func:`match_points`, which reads only the blocks it needs).
 
     Args:
         points: voxel indices in the source volume.
@@ -295,7 +380,7 @@ def similarity_map(
             scoring.
     """
     query_local, global_similarity = _query_similarities(points, source, target, scoring)
-    return _scores(query_local, global_similarity, target, 0, global_similarity.shape[1])
+    return 0.5 * (query_local @ target.local_vectors().float().T + global_similarity)
 
 
 def _query_similarities(
@@ -306,16 +391,8 @@ def _query_similarities(
     _check_scoring(scoring)
     _check_compatible(source, target)
     query_global, query_local = source.query_vectors(points, scoring)
-    device = target.local_vectors.device
+    device = target.local_blocks.device
     return query_local.to(device), target.global_similarity(query_global.to(device), scoring)
-
-
-def _scores(
-    query_local: torch.Tensor, global_similarity: torch.Tensor, target: AnatomySearchIndex, start: int, stop: int
-) -> torch.Tensor:
-    """``(n, stop - start)`` scores over the target's local cells ``[start, stop)``."""
-    local_similarity = query_local @ target.local_vectors[start:stop].float().T
-    return 0.5 * (local_similarity + global_similarity[:, start:stop])
 
 
 def best_matches(scores: torch.Tensor, target: AnatomySearchIndex) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,10 +411,85 @@ def best_matches(scores: torch.Tensor, target: AnatomySearchIndex) -> tuple[torc
     return cell_to_voxel(local_cells, target.local_stride, target.volume_shape), best_score
 
 
+@dataclass(frozen=True)
+class MatchResult:
+    """What :func:`search` found for ``n`` query points.
+
+    Attributes:
+        matched: ``(n, 3)`` long target voxels (centre voxel of the best local cell).
+        scores: ``(n,)`` best scores.
+        blocks_read: local blocks of the target read, summed over the points.
+        blocks_total: the target's local blocks times ``n`` (what an exhaustive search reads).
+    """
+
+    matched: torch.Tensor
+    scores: torch.Tensor
+    blocks_read: int
+    blocks_total: int
+
+
+def _best_in_blocks(
+    query_local: torch.Tensor, blocked_global: torch.Tensor, target: AnatomySearchIndex, blocks: torch.Tensor
+) -> tuple[float, int]:
+    """Best score and its C-order local cell among ``blocks`` for one query (lowest cell on ties)."""
+    local = target.local_blocks[blocks].float() @ query_local  # (m, K)
+    scores = 0.5 * (local + blocked_global[blocks])
+    best = scores.max()
+    block_rows, positions = (scores == best).nonzero(as_tuple=True)
+    cells = _cells_of_block_positions(blocks[block_rows], positions, target.local_grid)
+    return float(best), int(cells.min())
+
+
+def search(
+    points: torch.Tensor, source: AnatomySearchIndex, target: AnatomySearchIndex, scoring: Scoring = "reference"
+) -> MatchResult:
+    """:func:`match_points` with the count of local blocks it read (see there)."""
+    query_local, global_similarity = _query_similarities(points, source, target, scoring)
+    grid = target.local_grid
+    # The global part of every cell's score, blockwise; padding cells score -inf.
+    blocked_global = _to_blocks(global_similarity, grid, -math.inf)  # (n, B, K)
+    num_blocks = blocked_global.shape[1]
+    block_norms = target.local_block_norms.to(query_local.device).float()
+    scores, cells, read = [], [], 0
+    for row in range(len(points)):
+        query = query_local[row]
+        # No cell of a block scores above half its best global similarity plus |q| times its
+        # longest local vector (Cauchy-Schwarz): visit blocks by that bound, stop below the best.
+        bound = 0.5 * (blocked_global[row].amax(dim=1) + query.norm() * block_norms) + _BOUND_SLACK
+        bound, order = bound.sort(descending=True)
+        best, best_cell, start, step = -math.inf, 0, 0, 1
+        while start < num_blocks and float(bound[start]) >= best:
+            stop = min(start + step, num_blocks)
+            # Within a step too, only blocks whose bound still reaches the best found so far.
+            candidates = order[start:stop][bound[start:stop] >= best]
+            score, cell = _best_in_blocks(query, blocked_global[row], target, candidates)
+            read += len(candidates)
+            if score > best or (score == best and cell < best_cell):
+                best, best_cell = score, cell
+            start, step = stop, min(2 * step, MAX_BLOCKS_PER_STEP)
+        scores.append(best)
+        cells.append(best_cell)
+    best_cells = unravel_cells(torch.tensor(cells, device=query_local.device), grid)
+    matched = cell_to_voxel(best_cells, target.local_stride, target.volume_shape)
+    return MatchResult(
+        matched=matched.to(points.device),
+        scores=torch.tensor(scores, dtype=global_similarity.dtype, device=points.device),
+        blocks_read=read,
+        blocks_total=num_blocks * len(points),
+    )
+
+
 def match_points(
     points: torch.Tensor, source: AnatomySearchIndex, target: AnatomySearchIndex, scoring: Scoring = "reference"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best-matching target voxel of each source point, by one vectorised similarity search.
+    """The best-matching target voxel of each source point: the argmax of :func:`similarity_map`,
+    reading only the target's local blocks that can hold it.
+
+    Exact branch and bound: each local block's best possible score is bounded by half its best
+    global similarity (cheap: the global map is small) plus ``|q|`` times its longest local vector;
+    blocks are read in order of that bound, in steps of 1, 2, 4, ... blocks, until the bound falls
+    below the best score found. With an embedding that tells anatomy apart, a search reads a small
+    share of the target's local map; the result is the exhaustive argmax (lowest cell on ties).
 
     Args:
         points: voxel indices in the source volume.
@@ -356,35 +508,34 @@ def match_points(
         ValueError: points outside the source volume, embeddings of different sizes or an unknown
             scoring.
     """
-    query_local, global_similarity = _query_similarities(points, source, target, scoring)
-    cells = global_similarity.shape[1]
-    best_score = global_similarity.new_full((len(points),), -math.inf)
-    best_cell = torch.zeros(len(points), dtype=torch.long, device=best_score.device)
-    # Chunks of local cells bound the float32 copy of the (float16, possibly memory-mapped) local
-    # map: a whole CT's is hundreds of MB. The earliest chunk wins ties, as an unchunked argmax.
-    for start in range(0, cells, MATCH_CHUNK_CELLS):
-        stop = min(start + MATCH_CHUNK_CELLS, cells)
-        chunk_score, chunk_cell = _scores(query_local, global_similarity, target, start, stop).max(dim=1)
-        better = chunk_score > best_score
-        best_score = torch.where(better, chunk_score, best_score)
-        best_cell = torch.where(better, chunk_cell + start, best_cell)
-    matched = cell_to_voxel(unravel_cells(best_cell, target.local_grid), target.local_stride, target.volume_shape)
-    return matched.to(points.device), best_score.to(points.device)
+    result = search(points, source, target, scoring)
+    return result.matched, result.scores
 
 
-def store_embedder(directory: str | Path, fallback: Embedder | None = None) -> Embedder:
+def store_embedder(directory: str | Path, fallback: Embedder | None = None, open_files: int = 256) -> Embedder:
     """An :data:`Embedder` backed by an embedding store: ``{directory}/{key}.anat``, memory-mapped.
 
     A key without a store file is embedded by ``fallback`` (a model, or ``.npy`` / NIfTI maps via
     :func:`~accord_medssl.anatomy.embedding.file_embedder`), prepared, written once and then
     memory-mapped like the others; without a fallback a missing file is an error.
 
+    The last ``open_files`` mappings stay open (one file descriptor each, no memory of their own):
+    a volume drawn again is searched through the same mapping, whose pages the kernel still maps,
+    instead of being opened again and paying a page fault per page read (what makes a miss of the
+    miner's small in-memory cache cheap on a large dataset).
+
     Returns:
         ``embedder(key, volume) -> AnatomySearchIndex``.
     """
+    if isinstance(open_files, bool) or not isinstance(open_files, int) or open_files < 1:
+        raise ValueError(f"open_files: expected a positive int, got {open_files!r}")
     root = Path(directory)
+    opened: OrderedDict[str, AnatomySearchIndex] = OrderedDict()
 
     def embed(key: str, volume: torch.Tensor) -> AnatomySearchIndex:
+        if key in opened:
+            opened.move_to_end(key)
+            return opened[key]
         path = root / f"{key}{STORE_SUFFIX}"
         if not path.is_file():
             if fallback is None:
@@ -393,7 +544,10 @@ def store_embedder(directory: str | Path, fallback: Embedder | None = None) -> E
             if not isinstance(prepared, AnatomySearchIndex):
                 prepared = AnatomySearchIndex.from_embedding(prepared)
             prepared.save(path)
-        return AnatomySearchIndex.open(path)
+        opened[key] = AnatomySearchIndex.open(path)
+        if len(opened) > open_files:
+            opened.popitem(last=False)
+        return opened[key]
 
     return embed
 
@@ -483,6 +637,9 @@ class AnatomicalViewMiner:
         self.cache_size = cache_size
         self.scoring = scoring
         self._cache: OrderedDict[str, AnatomySearchIndex] = OrderedDict()
+        #: Running totals over every search: local blocks read, and what exhaustive searches would read.
+        self.blocks_read = 0
+        self.blocks_total = 0
 
     def search_index(self, key: str, volume: torch.Tensor) -> AnatomySearchIndex:
         """The prepared embedding of ``volume`` ``(1, D, H, W)``, from the cache or the embedder.
@@ -578,7 +735,10 @@ class AnatomicalViewMiner:
             round_size *= 2
             picks = torch.randint(foreground.numel(), (count,), generator=generator).to(foreground.device)
             points = unravel_cells(foreground[picks], shape)
-            matched, scores = match_points(points, query_index, anchor_index, self.scoring)
+            result = search(points, query_index, anchor_index, self.scoring)
+            matched, scores = result.matched, result.scores
+            self.blocks_read += result.blocks_read
+            self.blocks_total += result.blocks_total
             passing = (scores > self.similarity_threshold).nonzero()
             # The first passing candidate, as if the points had been tried one after another.
             choice = int(passing[0]) if passing.numel() else int(scores.argmax())

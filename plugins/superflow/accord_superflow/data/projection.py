@@ -67,16 +67,27 @@ def pair_points_with_cameras(points_lidar: np.ndarray, lidar: SensorFrame, camer
         The pairs of all cameras, camera by camera, points in increasing index order within each.
     """
     xyz = torch.from_numpy(np.ascontiguousarray(np.asarray(points_lidar, dtype=np.float64)[:, :3]))
-    parts = []
-    for slot, camera in enumerate(cameras):
+    if not cameras:
+        return PointPixelPairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2)), np.zeros(0))
+    matrices = []
+    for camera in cameras:
         lidar_to_camera = sensor_to_sensor(lidar.sensor_to_ego, lidar.ego_to_global,
                                            camera.sensor_to_ego, camera.ego_to_global)
         rigid = np.hstack([lidar_to_camera.rotation, lidar_to_camera.translation[:, None]])
-        projection = torch.from_numpy(np.asarray(camera.intrinsic, dtype=np.float64) @ rigid)
-        found = project_points(xyz, projection, (int(camera.height), int(camera.width)), min_depth, margin_px)
-        kept = torch.nonzero(found.valid).squeeze(1)
-        parts.append((kept.numpy(), np.full(len(kept), slot, dtype=np.int64), found.pixel[kept].numpy(),
-                      found.depth[kept].numpy()))
-    if not parts:
-        return PointPixelPairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2)), np.zeros(0))
+        matrices.append(np.asarray(camera.intrinsic, dtype=np.float64) @ rigid)
+    sizes = [(int(camera.height), int(camera.width)) for camera in cameras]
+    parts: list[tuple[np.ndarray, ...]] = [()] * len(cameras)
+    # One projection per image size (nuScenes: one for all six cameras): the input checks and the
+    # point transform run once for the stack instead of once per camera.
+    for size in dict.fromkeys(sizes):
+        slots = [slot for slot, other in enumerate(sizes) if other == size]
+        found = project_points(xyz, torch.from_numpy(np.stack([matrices[slot] for slot in slots])), size, min_depth,
+                               margin_px)
+        view, kept = torch.nonzero(found.valid, as_tuple=True)  # view-major, points increasing
+        pixel, depth = found.pixel[view, kept].numpy(), found.depth[view, kept].numpy()
+        bounds = torch.searchsorted(view, torch.arange(len(slots) + 1)).tolist()
+        for position, slot in enumerate(slots):
+            rows = slice(bounds[position], bounds[position + 1])
+            parts[slot] = (kept[rows].numpy(), np.full(rows.stop - rows.start, slot, dtype=np.int64), pixel[rows],
+                           depth[rows])
     return PointPixelPairs(*(np.concatenate(arrays) for arrays in zip(*parts)))
