@@ -91,7 +91,9 @@ def _train_config(cfg: GroundingBenchmarkConfig, data: Path, run_dir: Path, seed
     model = quick_options(resnet_train_from="conv1", dropout=0.0) if quick else TransVGOptions()
     if cfg.bert_path is not None:
         model = model.model_copy(update={"bert_path": str(cfg.bert_path)})
-    trainer = TrainerConfig(batch_size=8, lr=preset(cfg, "lr", 1e-3), weight_decay=1e-4, schedule="constant",
+    # The reference's StepLR (x0.1 after epoch 60; no drop when epochs <= 60) at the reference size.
+    trainer = TrainerConfig(batch_size=8, lr=preset(cfg, "lr", 1e-3), weight_decay=1e-4,
+                            schedule="constant" if quick else "step",
                             lr_multipliers={} if quick else REFERENCE_LR_MULTIPLIERS, log_every=50, keep_last=1)
     return TrainConfig(plugin="medrpg", task="train", run_dir=run_dir, seed=seed, data=data, model=model,
                        taco=TacoOptions(mode=taco_mode), init={"transvg": cfg.transvg},
@@ -139,8 +141,8 @@ def run_grounding(cfg: GroundingBenchmarkConfig) -> BenchmarkResult:
              f"ResNet / visual transformer; here {preset(cfg, 'lr', 1e-3):g}, {rates}), "
              "TaCo weight 0.05 (epoch / epochs)^0.9, tau 0.1, 5 negatives.",
              "Both methods of a seed start from identical weights and see identical batches; only TaCo differs.",
-             "The reference also drops the learning rate 10x after epoch 60 (StepLR); the accord trainer has no "
-             "step schedule yet, so the rate is constant (docs/medrpg.md).",
+             "The reference drops every rate 10x after epoch 60 (StepLR): so does the reference-size run; the "
+             "quick run keeps one constant rate.",
              "The paper's numbers are for MS-CXR with TransVG's RefCOCO weights as the start; generated data and a "
              "random start are not comparable to them."]
     return BenchmarkResult(title=title, tables=[headline, per_category], rows=rows, plots=[plot], paper=PAPER,
@@ -189,9 +191,12 @@ def run_speed(cfg: SpeedBenchmarkConfig) -> BenchmarkResult:
     from accord_medrpg.models.transvg import quick_options
     from accord_medrpg.taco import taco_loss
 
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda: torch sees no CUDA device (this torch build or machine has none); "
+                         "use device=cpu or device=auto")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     steps, repeats = preset(cfg, "steps", 2), preset(cfg, "repeats", 5)
     reference = cfg.model_size == "reference"
     options = (TransVGOptions if reference else quick_options)(image_size=cfg.image_size)
@@ -235,7 +240,7 @@ def run_speed(cfg: SpeedBenchmarkConfig) -> BenchmarkResult:
         latency = _timed(lambda: model(single["image"], single["mask"], data["phrase"][:1]), repeats, sync)
     step, taco = _stats(step_times), _stats(taco_times)
     values = {
-        "device": str(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "parameters_M": sum(p.numel() for p in model.parameters()) / 1e6,
         f"train_s_per_step (batch {batch}, {size}^2)": step,
         "peak_memory_GiB": peak,
@@ -248,7 +253,8 @@ def run_speed(cfg: SpeedBenchmarkConfig) -> BenchmarkResult:
     notes = [f"{steps} timed training steps after one warm-up, {repeats} repeats of inference and TaCo; "
              "median, min, max.",
              f"Peak memory: {memory}.",
-             f"torch threads: {torch.get_num_threads()}.",
+             f"torch threads: {torch.get_num_threads()}." if device.type == "cpu" else
+             "GPU times are synchronised (torch.cuda.synchronize) around every timed call.",
              "The TaCo share is the median of TaCo alone over the median training step."]
     return BenchmarkResult.measured(f"medrpg: TransVG + TaCo speed ({cfg.model_size} model) at {size}^2, batch {batch} "
                                     f"({device})", values,

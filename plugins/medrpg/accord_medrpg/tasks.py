@@ -112,7 +112,8 @@ def build_model(cfg: TrainConfig, train_phrases: list[str]) -> tuple[TransVG, di
 
     BERT comes from ``model.bert_path`` (vocabulary, config and weights), else from
     ``model.bert_config`` with a WordPiece vocabulary trained on ``train_phrases``; then the DETR and
-    TransVG checkpoints of ``init``, in that order, overwrite what they hold.
+    TransVG checkpoints of ``init``, in that order, overwrite what they hold. With TaCo's ``marker``
+    pooling every training phrase must mark its span (ValueError naming the first that does not).
     """
     from accord_medrpg.models import read_bert_folder, train_vocabulary
     from accord_medrpg.weights import load_bert, load_detr, load_transvg
@@ -122,6 +123,8 @@ def build_model(cfg: TrainConfig, train_phrases: list[str]) -> tuple[TransVG, di
     else:
         vocabulary, bert_config = train_vocabulary(train_phrases, cfg.model.vocab_size), dict(cfg.model.bert_config)
     model = transvg_model(cfg, vocabulary, bert_config)
+    if cfg.taco.mode != "none" and cfg.taco.text_pool == "marker":
+        model.text.tokenizer.marker_span(train_phrases)  # refuse an unmarked phrase now, not mid-epoch
     if cfg.model.bert_path is not None:
         load_bert(model, cfg.model.bert_path)
     if cfg.init.detr is not None:

@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+import torch
+
 from accord.benchmarking import benchmark_config, find_benchmark, run_benchmark
 
 
@@ -37,3 +40,11 @@ def test_speed_benchmark_reports_step_memory_latency_and_taco_share(tmp_path):
     assert step["min"] <= step["median"] <= step["max"]
     assert values["peak_memory_GiB"] > 0 and values["inference_s_per_image"]["median"] > 0
     assert 0 < values["taco_share_of_step_percent"]
+
+
+def test_speed_benchmark_refuses_cuda_without_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    component = find_benchmark("medrpg", "speed", kind="speed")
+    cfg = benchmark_config(component, quick=True, out=tmp_path / "speed", options=["model_size=quick", "device=cuda"])
+    with pytest.raises(ValueError, match="device=cuda: torch sees no CUDA device"):
+        run_benchmark(component, cfg)

@@ -62,6 +62,20 @@ def test_training_contract_and_taco_switch():
     assert set(tiny_model(taco_mode="none")(batch())) == {"loss", "l1", "giou"}
 
 
+def test_cross_batch_taco_with_marker_pooling_trains_every_parameter():
+    phrases = ["a *left effusion* persists", "*cardiomegaly*"]  # within max_query_len - 2 = 6 tokens
+    options = tiny_model().options
+    model = TransVG(options, TacoOptions(mode="batch", text_pool="marker"), train_vocabulary(phrases, 100),
+                    options.bert_config)
+    model.taco_scale = 0.5
+    terms = model({**batch(), "phrase": phrases})
+    torch.testing.assert_close(terms["loss"], terms["l1"] + terms["giou"] + 0.5 * terms["taco"])
+    terms["loss"].backward()
+    assert [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    with pytest.raises(ValueError, match="'cardiomegaly': has fewer than two"):
+        model({**batch(), "phrase": [phrases[0], "cardiomegaly"]})
+
+
 def test_frozen_batch_norm_matches_eval_batch_norm_and_is_not_trained():
     bn = torch.nn.BatchNorm2d(3).eval()
     bn.running_mean.uniform_(-1, 1)

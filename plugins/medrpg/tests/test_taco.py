@@ -23,25 +23,57 @@ def reference_cells(box, grid):
     return x1, y1, x2, y2
 
 
-def reference_taco(tokens, attention, boxes, temperature, mode, text_pool, text_mask=None):
+def reference_text(tokens, attention, b, text_pool, text_mask, marker_ids):
+    """``(h_t, a_t)`` of sample b; ``marker`` pools the text slots strictly between the first two markers
+    (ids == MARKER_ID), features and attention rows of the same slots (the reference takes the attention
+    rows one sequence slot earlier; the fix is listed in docs/medrpg.md)."""
+    if text_pool == "cls":
+        return tokens[b, 1], attention[b, 1]
+    if text_pool == "reg":
+        return tokens[b, 0], attention[b, 0]
+    if text_pool == "all":
+        return tokens[b, 1:1 + NUM_TEXT].mean(0), attention[b, 1:1 + NUM_TEXT].mean(0)
+    if text_pool == "marker":
+        markers = [i for i in range(NUM_TEXT) if marker_ids[b][i] == MARKER_ID]
+        keep = list(range(markers[0] + 1, markers[1]))
+    else:
+        keep = [i for i in range(NUM_TEXT) if not text_mask[b, i]]
+    return (torch.stack([tokens[b, 1 + i] for i in keep]).mean(0),
+            torch.stack([attention[b, 1 + i] for i in keep]).mean(0))
+
+
+def reference_region(tokens, b, box):
+    visual = tokens[b, 1 + NUM_TEXT:].reshape(GRID, GRID, -1)
+    x1, y1, x2, y2 = reference_cells(box, GRID)
+    return visual[y1:y2, x1:x2].reshape(-1, tokens.shape[-1]).mean(0), (x1, y1, x2, y2)
+
+
+def cosine(t, v):
+    return torch.dot(t, v) / max(t.norm() * v.norm(), torch.tensor(1e-8))
+
+
+def reference_batch_taco(tokens, attention, boxes, temperature, text_pool, text_mask=None, marker_ids=None):
+    """The cross-batch mode as GLoRIA writes it, the temperature being the one passed in."""
+    batch = tokens.shape[0]
+    regions = [reference_region(tokens, b, boxes[b, 0].tolist())[0] for b in range(batch)]
+    texts = [reference_text(tokens, attention, b, text_pool, text_mask, marker_ids)[0] for b in range(batch)]
+    scores = [[cosine(regions[i], texts[j]) / temperature for j in range(batch)] for i in range(batch)]
+    image_to_text = sum(torch.logsumexp(torch.stack(scores[i]), 0) - scores[i][i] for i in range(batch)) / batch
+    text_to_image = sum(torch.logsumexp(torch.stack([scores[i][j] for i in range(batch)]), 0) - scores[j][j]
+                        for j in range(batch)) / batch
+    return image_to_text + text_to_image
+
+
+def reference_taco(tokens, attention, boxes, temperature, mode, text_pool, text_mask=None, marker_ids=None):
+    if mode == "batch":
+        return reference_batch_taco(tokens, attention, boxes, temperature, text_pool, text_mask, marker_ids)
     losses = []
     for b in range(tokens.shape[0]):
-        visual = tokens[b, 1 + NUM_TEXT:].reshape(GRID, GRID, -1)
         visual_attention = attention[b, 1 + NUM_TEXT:].reshape(GRID, GRID, -1)
-        if text_pool == "cls":
-            h_t, a_t = tokens[b, 1], attention[b, 1]
-        elif text_pool == "reg":
-            h_t, a_t = tokens[b, 0], attention[b, 0]
-        elif text_pool == "all":
-            h_t, a_t = tokens[b, 1:1 + NUM_TEXT].mean(0), attention[b, 1:1 + NUM_TEXT].mean(0)
-        else:
-            keep = [i for i in range(NUM_TEXT) if not text_mask[b, i]]
-            h_t = torch.stack([tokens[b, 1 + i] for i in keep]).mean(0)
-            a_t = torch.stack([attention[b, 1 + i] for i in keep]).mean(0)
+        h_t, a_t = reference_text(tokens, attention, b, text_pool, text_mask, marker_ids)
         logits = []
         for k in range(boxes.shape[1]):
-            x1, y1, x2, y2 = reference_cells(boxes[b, k].tolist(), GRID)
-            h_k = visual[y1:y2, x1:x2].reshape(-1, tokens.shape[-1]).mean(0)
+            h_k, (x1, y1, x2, y2) = reference_region(tokens, b, boxes[b, k].tolist())
             t, v = h_t, h_k
             if mode != "max_image":
                 a_k = visual_attention[y1:y2, x1:x2].reshape(-1, tokens.shape[1]).mean(0)
@@ -49,7 +81,7 @@ def reference_taco(tokens, attention, boxes, temperature, mode, text_pool, text_
                 q = q / (q.sum() + 1e-5)
                 c = sum(q[slot] * tokens[b, slot] for slot in range(tokens.shape[1]))
                 t, v = h_t + c, h_k + c
-            logits.append(torch.dot(t, v) / max(t.norm() * v.norm(), torch.tensor(1e-8)) / temperature)
+            logits.append(cosine(t, v) / temperature)
         losses.append(F.cross_entropy(torch.stack(logits)[None], torch.zeros(1, dtype=torch.long)))
     return torch.stack(losses).mean()
 
@@ -68,21 +100,72 @@ def inputs(seed=0, batch=3):
     return tokens, attention, boxes, text_mask[:batch]
 
 
-@pytest.mark.parametrize("mode", ["max_image_lcpTriple", "max_image_lcp", "max_image"])
-@pytest.mark.parametrize("text_pool", ["cls", "mask", "all", "reg"])
-def test_taco_matches_loop_reference_values_and_gradients(mode, text_pool):
+#: Token ids of the L text slots with markers (id 7): spans of 1 token at the end, 2 tokens, 1 token.
+MARKER_ID = 7
+MARKER_IDS = [[2, 7, 30, 7], [7, 31, 32, 7], [7, 41, 7, 3]]
+
+
+def marker_span_of(ids):
+    """The span mask as the tokenizer builds it (tested against real phrases below)."""
+    is_marker = torch.tensor(ids) == MARKER_ID
+    return (is_marker.cumsum(1) == 1) & ~is_marker
+
+
+@pytest.mark.parametrize("mode", ["max_image_lcpTriple", "max_image_lcp", "max_image", "batch"])
+@pytest.mark.parametrize("text_pool", ["cls", "mask", "all", "reg", "marker"])
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_taco_matches_loop_reference_values_and_gradients(mode, text_pool, temperature):
     tokens, attention, boxes, text_mask = inputs()
     tokens_a, attention_a = tokens.clone().requires_grad_(), attention.clone().requires_grad_()
     tokens_b, attention_b = tokens.clone().requires_grad_(), attention.clone().requires_grad_()
-    out = taco_loss(tokens_a, attention_a, boxes, num_text=NUM_TEXT, temperature=0.1, mode=mode,
-                    text_pool=text_pool, text_mask=text_mask)
-    expected = reference_taco(tokens_b, attention_b, boxes, 0.1, mode, text_pool, text_mask)
+    out = taco_loss(tokens_a, attention_a, boxes, num_text=NUM_TEXT, temperature=temperature, mode=mode,
+                    text_pool=text_pool, text_mask=text_mask, marker_span=marker_span_of(MARKER_IDS))
+    expected = reference_taco(tokens_b, attention_b, boxes, temperature, mode, text_pool, text_mask, MARKER_IDS)
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     expected.backward()
     torch.testing.assert_close(tokens_a.grad, tokens_b.grad)
     torch.testing.assert_close(attention_a.grad, attention_b.grad)
-    assert out.logits.shape == (3, 4) and out.region_features.shape == (3, 4, DIM)
+    assert out.logits.shape == ((3, 3) if mode == "batch" else (3, 4)) and out.region_features.shape == (3, 4, DIM)
+    if mode == "batch":
+        assert out.context is None and out.context_weights is None
+
+
+def test_batch_mode_is_symmetric_infonce_of_gt_regions_and_phrases():
+    from accord.losses import info_nce
+
+    tokens, attention, boxes, _ = inputs()
+    out = taco_loss(tokens, attention, boxes, num_text=NUM_TEXT, mode="batch", temperature=0.2)
+    gt_regions = out.region_features[:, 0]
+    expected = (info_nce(gt_regions, out.text_features, temperature=0.2)
+                + info_nce(out.text_features, gt_regions, temperature=0.2))
+    torch.testing.assert_close(out.loss, expected)
+    # The negatives play no part; a batch of one has nothing to contrast.
+    moved = boxes.clone()
+    moved[:, 1:] = torch.rand_like(moved[:, 1:])
+    torch.testing.assert_close(taco_loss(tokens, attention, moved, num_text=NUM_TEXT, mode="batch",
+                                         temperature=0.2).loss, out.loss)
+    assert taco_loss(tokens[:1], attention[:1], boxes[:1], num_text=NUM_TEXT, mode="batch").loss.item() == 0
+
+
+def test_marker_span_from_phrases():
+    from accord_medrpg.models import PhraseTokenizer, train_vocabulary
+
+    phrases = ["there is a *large right pneumothorax* today", "*cardiomegaly*", "no markers here",
+               "two ** adjacent", "*far " + "word " * 20 + "marker*"]
+    vocabulary = train_vocabulary(phrases, 500)
+    tokenizer = PhraseTokenizer(vocabulary, max_length=12)
+    span = tokenizer.marker_span(phrases[:2])
+    ids, _ = tokenizer(phrases[:2])
+    assert [vocabulary[i] for i in ids[0][span[0]].tolist()] == ["large", "right", "pneumothorax"]
+    assert [vocabulary[i] for i in ids[1][span[1]].tolist()] == ["cardiomegaly"]
+    for bad, message in ((phrases[2], "fewer than two"), (phrases[3], "no token between"),
+                         (phrases[4], "fewer than two")):  # the last one's closing marker is cut off
+        with pytest.raises(ValueError, match=message) as error:
+            tokenizer.marker_span([bad])
+        assert repr(bad) in str(error.value) and "first 10 tokens" in str(error.value)
+    with pytest.raises(ValueError, match="no '\\*' token"):
+        PhraseTokenizer(train_vocabulary(["no markers"], 50), max_length=8).marker_span(["*a*"])
 
 
 def test_region_cells_rounding_and_degenerate_widening_at_the_edges():
@@ -126,6 +209,12 @@ def test_bad_shapes_are_named():
         taco_loss(tokens, attention, boxes[0], num_text=NUM_TEXT)
     with pytest.raises(ValueError, match="mask"):
         taco_loss(tokens, attention, boxes, num_text=NUM_TEXT, text_pool="mask")
+    with pytest.raises(ValueError, match="marker_span"):
+        taco_loss(tokens, attention, boxes, num_text=NUM_TEXT, text_pool="marker")
+    empty = marker_span_of(MARKER_IDS)
+    empty[1] = False
+    with pytest.raises(ValueError, match=r"rows \[1\] mark no token"):
+        taco_loss(tokens, attention, boxes, num_text=NUM_TEXT, text_pool="marker", marker_span=empty)
 
 
 def test_taco_weight_ramp():

@@ -114,6 +114,17 @@ def test_max_steps_follow_epochs_and_a_contradiction_is_refused(grounding_dir, t
         run_task(cfg)
 
 
+def test_marker_pooling_refuses_unmarked_training_phrases_before_training(grounding_dir, tmp_path):
+    cfg = train_config(grounding_dir, tmp_path / "run", taco=TacoOptions(mode="batch", text_pool="marker"))
+    with pytest.raises(ValueError, match="the vocabulary has no '\\*' token"):
+        build_model(cfg, ["cardiomegaly", "left effusion"])
+    with pytest.raises(ValueError, match="phrase 'left effusion': has fewer than two"):
+        build_model(cfg, ["*cardiomegaly*", "left effusion"])
+    model, _ = build_model(cfg, ["*cardiomegaly*", "a *left effusion*"])
+    assert model.taco.text_pool == "marker"
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_reference_steplr_drop_is_placed_after_lr_drop_epoch():
     from accord_medrpg.tasks import _resolved_trainer
 

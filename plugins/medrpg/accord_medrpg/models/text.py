@@ -21,9 +21,11 @@ from tokenizers.pre_tokenizers import BertPreTokenizer
 from torch import nn
 from transformers import BertConfig, BertModel
 
-__all__ = ["SPECIAL_TOKENS", "train_vocabulary", "read_bert_folder", "PhraseTokenizer", "TextEncoder"]
+__all__ = ["SPECIAL_TOKENS", "MARKER", "train_vocabulary", "read_bert_folder", "PhraseTokenizer", "TextEncoder"]
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+#: Delimits the grounded span inside a longer text for TaCo's ``marker`` pooling (bert-base-uncased id 1008).
+MARKER = "*"
 
 
 def train_vocabulary(phrases: Iterable[str], vocab_size: int = 2000) -> list[str]:
@@ -83,6 +85,8 @@ class PhraseTokenizer:
                                                 lowercase=True)
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.enable_padding(length=max_length, pad_id=vocabulary.index("[PAD]"))
+        self.max_length = max_length
+        self.marker_id = vocabulary.index(MARKER) if MARKER in vocabulary else None
 
     def __call__(self, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(token ids (B, L) long, attention mask (B, L) long, 1 = real token)``."""
@@ -92,6 +96,27 @@ class PhraseTokenizer:
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask
+
+    def marker_span(self, phrases: Sequence[str]) -> torch.Tensor:
+        """``(B, L)`` bool: True on the tokens strictly between each phrase's first two ``*`` markers.
+
+        Raises:
+            ValueError: the vocabulary has no ``*``, or a phrase (named) has fewer than two markers
+                within its first ``L - 2`` tokens, or none between them.
+        """
+        if self.marker_id is None:
+            raise ValueError(f"text_pool 'marker': the vocabulary has no {MARKER!r} token; mark the grounded span of "
+                             f"every training phrase as 'text *span* text'")
+        ids, _ = self(phrases)
+        is_marker = ids == self.marker_id
+        seen = is_marker.cumsum(1)
+        span = (seen == 1) & ~is_marker
+        for phrase, markers, row in zip(phrases, seen[:, -1].tolist(), span):
+            if markers < 2 or not row.any():
+                problem = ("has fewer than two" if markers < 2 else "has no token between its first two")
+                raise ValueError(f"phrase {phrase!r}: {problem} {MARKER!r} markers within its first "
+                                 f"{self.max_length - 2} tokens (text_pool 'marker' pools the tokens between them)")
+        return span
 
 
 class TextEncoder(nn.Module):

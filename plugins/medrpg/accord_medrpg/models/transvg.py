@@ -77,7 +77,7 @@ class TacoOptions(StrictModel):
     """TaCo (defaults: MedRPG's ``max_image_lcpTriple``, [CLS] text feature, tau 0.1, 0.05 (e/E)^0.9)."""
 
     mode: TacoMode = Field("max_image_lcpTriple", description="none: plain TransVG")
-    text_pool: TextPool = "cls"
+    text_pool: TextPool = Field("cls", description="marker: every phrase marks its grounded span as 'text *span* text'")
     temperature: float = Field(0.1, gt=0)
     weight: float = Field(0.05, ge=0, description="loss weight reached at the last epoch")
     power: float = Field(0.9, gt=0, description="exponent of the (epoch / epochs) ramp")
@@ -162,9 +162,11 @@ class TransVG(nn.Module):
         loss = terms["l1"] + terms["giou"]
         if self.taco.mode != "none":
             boxes = torch.cat((batch["box"][:, None], batch["negatives"]), dim=1)
+            span = (self.text.tokenizer.marker_span(batch["phrase"]).to(boxes.device)
+                    if self.taco.text_pool == "marker" else None)
             taco = taco_loss(output["tokens"], output["attention"], boxes, num_text=self.options.max_query_len,
                              temperature=self.taco.temperature, mode=self.taco.mode, text_pool=self.taco.text_pool,
-                             text_mask=output["text_mask"])
+                             text_mask=output["text_mask"], marker_span=span)
             terms["taco"] = taco.loss
             loss = loss + self.taco_scale * taco.loss
         return {"loss": loss, **terms}
