@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import resource
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from accord.benchmarking import (
 )
 from accord.config import BenchmarkConfig, TrainerConfig
 from accord.runs import run_task
-from accord.utils.timing import torch_threads
+from accord.utils.timing import machine_state, time_repeats, torch_threads
 
 from accord_mutdet.models import DetectorOptions, MutDetOptions, RotatedDETR
 
@@ -220,6 +219,7 @@ class PretrainSpeedConfig(BenchmarkConfig):
     objects: int = Field(50, ge=1, description="pseudo-boxes per image")
     repeats: int = Field(3, ge=1, description="timed steps after one warm-up step (quick: 1)")
     device: str = Field("cpu", pattern="^(cpu|cuda)$")
+    threads: int | None = Field(1, ge=1, description="torch intra-op threads on CPU (None: torch's default)")
 
 
 def _peak_rss_mib() -> float:
@@ -242,27 +242,30 @@ def _speed_batch(size: int, batch: int, objects: int, device: torch.device) -> d
 
 def pretrain_step_speed(encoder_layers: int, decoder_layers: int, image_size: int, batch_size: int, objects: int,
                         repeats: int, device: torch.device) -> dict[str, Any]:
-    """Median / min / max seconds of one MutDet pretraining step (R50 frozen, 256-d, 300 queries) and peak memory."""
+    """Seconds per MutDet pretraining step (R50 frozen, 256-d, 300 queries) and peak memory.
+
+    :func:`accord.utils.timing.time_repeats` over ``repeats`` steps after one warm-up step (allocators,
+    kernels); the machine state (threads, load) is recorded before and after.
+    """
     options = DetectorOptions(encoder_layers=encoder_layers, decoder_layers=decoder_layers)
     model = RotatedDETR(options, 256, mutdet=MutDetOptions(), frozen_backbone=True).to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-5)
     batch = _speed_batch(image_size, batch_size, objects, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for step in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         model(batch)["loss"].backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step:  # the first step warms up allocators and kernels
-            times.append(time.perf_counter() - start)
-    result = {"s_per_step_median": statistics.median(times), "s_per_step_min": min(times),
-              "s_per_step_max": max(times), "repeats": repeats}
+
+    before = machine_state()
+    timing = time_repeats(step, repeats=repeats, warmup=1,
+                          synchronize=(lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None)
+    after = machine_state()
+    result = {"s_per_step_median": timing.median, "s_per_step_min": timing.minimum,
+              "s_per_step_max": timing.maximum, "repeats": repeats, "torch_threads": before["torch_threads"],
+              "load_1min_before": before["load_1min"], "load_1min_after": after["load_1min"]}
     if device.type == "cuda":
         result["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -276,12 +279,16 @@ def run_pretrain_speed(cfg: PretrainSpeedConfig) -> BenchmarkResult:
     repeats = preset(cfg, "repeats", 1)
     device = torch.device(cfg.device)
     values = {}
-    for encoder_layers, decoder_layers in cfg.layers:
-        values[f"{encoder_layers}+{decoder_layers} layers"] = pretrain_step_speed(
-            encoder_layers, decoder_layers, image_size, cfg.batch_size, cfg.objects, repeats, device)
+    with torch_threads(cfg.threads if device.type == "cpu" else None):
+        for encoder_layers, decoder_layers in cfg.layers:
+            values[f"{encoder_layers}+{decoder_layers} layers"] = pretrain_step_speed(
+                encoder_layers, decoder_layers, image_size, cfg.batch_size, cfg.objects, repeats, device)
+    state = machine_state()
     notes = [f"MutDet pretraining step (both branches, forward + backward + AdamW) on {device.type}, ResNet-50 "
              f"frozen, 256-d, 300 queries, 100 DN queries, {cfg.objects} pseudo-boxes per image, input "
-             f"{image_size}^2, batch {cfg.batch_size}; {repeats} timed step(s) after one warm-up step.",
+             f"{image_size}^2, batch {cfg.batch_size}; median (min-max) of {repeats} timed step(s) after one "
+             f"warm-up step; torch threads {cfg.threads if device.type == 'cpu' else 'default'}, "
+             f"{state['cpus']} CPUs, load average before / after each configuration in its row.",
              "CPU memory is the process's peak resident set (ru_maxrss), cumulative over the configurations "
              "in the order measured; GPU memory is torch's peak allocation per configuration."]
     return BenchmarkResult.measured(f"mutdet: pretraining speed ({image_size}^2, batch {cfg.batch_size})", values,

@@ -172,7 +172,8 @@ def write_dota_task1(detections: Mapping[str, Mapping[str, Any]], class_names: S
 
 def evaluate_patch_detections(patch_detections: Mapping[str, Mapping[str, Any]], records: Sequence[ImageRecord],
                               class_names: Sequence[str], *, rule: Rule = "voc", nms_iou: float = 0.1,
-                              score_thr: float = 0.05, task1_dir: str | Path | None = None) -> dict[str, Any]:
+                              score_thr: float = 0.05, patch_nms_iou: float | None = 0.5,
+                              task1_dir: str | Path | None = None) -> dict[str, Any]:
     """DOTA protocol: merge patch detections into full images, score them, optionally write Task1 files.
 
     Args:
@@ -183,6 +184,7 @@ def evaluate_patch_detections(patch_detections: Mapping[str, Mapping[str, Any]],
         rule: ``"voc"`` or ``"mmrotate"``.
         nms_iou: cross-patch rotated NMS threshold (0.1).
         score_thr: score filter before merging (0.05).
+        patch_nms_iou: rotated NMS within each patch before merging (0.5; None: none).
         task1_dir: where to write ``Task1_<class>.txt`` (None: not written).
 
     Returns:
@@ -190,7 +192,8 @@ def evaluate_patch_detections(patch_detections: Mapping[str, Mapping[str, Any]],
     """
     from accord_mutdet.data.patches import merge_patch_detections
 
-    merged = merge_patch_detections(patch_detections, iou_thr=nms_iou, score_thr=score_thr)
+    merged = merge_patch_detections(patch_detections, iou_thr=nms_iou, score_thr=score_thr,
+                                    patch_iou_thr=patch_nms_iou)
     if task1_dir is not None:
         write_dota_task1(merged, class_names, task1_dir)
     return evaluate_detections(merged, records, class_names, rule=rule)

@@ -9,6 +9,11 @@ angle logits against AR-CSL soft labels, weighted per box by ``2r / (r + 1)`` an
 
 MutDet's alignment loss (:func:`alignment_loss`) is a symmetric InfoNCE over the matched (query,
 object) pairs of the whole batch; its two directions are :func:`accord.losses.info_nce`.
+
+Distributed training (DDP) reproduces the single process on the same global batch: the detection
+terms divide by the matched-target count of the *global* batch per rank (:func:`rank_normaliser`,
+DETR's all-reduced ``num_boxes``), and the alignment loss gathers every rank's matched pairs (with
+gradients) so its negatives are the whole global batch's pairs, as on one process.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from accord import dist as adist
 from accord.boxes import HungarianMatcher, box_giou, cxcywh_to_xyxy
 from accord.losses import info_nce
 
@@ -34,12 +40,27 @@ __all__ = [
     "focal_loss",
     "hbb_giou_loss",
     "match_queries",
+    "rank_normaliser",
 ]
 
 #: ARS-DETR's loss weights: focal 2, L1 2, GIoU 5, angle BCE 2.
 LOSS_WEIGHTS = {"cls": 2.0, "bbox": 2.0, "iou": 5.0, "angle": 2.0}
 #: ARS-DETR's matching cost weights: focal 2, L1 2, GIoU 5, angle 2.
 MATCH_WEIGHTS = {"cls": 2.0, "bbox": 2.0, "iou": 5.0, "angle": 2.0}
+
+
+def rank_normaliser(count: float, device: torch.device | None = None) -> float:
+    """The ``num_pos`` each rank divides its summed loss by so DDP's gradient mean is the global one.
+
+    ``sum over ranks of count / world_size``: a rank's loss ``S_r / (N / W)``, averaged by DDP over
+    ``W`` ranks, has the gradient of ``sum_r S_r / N``, the single-process loss of the global batch
+    (Deformable DETR's all-reduced ``num_boxes``). ``count`` itself without a process group.
+    """
+    if not adist.is_distributed():
+        return float(count)
+    total = torch.tensor([float(count)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return float(total) / adist.world_size()
 
 
 def _normaliser(num_pos: float) -> float:
@@ -196,6 +217,12 @@ def alignment_loss(pred_features: Sequence[torch.Tensor], object_embeddings: Seq
     negative. Each direction is :func:`accord.losses.info_nce`. With no pair at all the reference
     takes the cross-entropy of an empty batch (NaN); here the loss is 0 with zero gradients.
 
+    Under a process group (DDP) the batch is the global one: each rank's pairs are gathered with
+    gradients (the reference ran on one GPU, so its negatives were its whole batch), this rank's rows
+    are contrasted against all ranks' pairs, and the row sum is divided by ``P_global / world_size``
+    so DDP's gradient mean equals the single-process gradient. ``pos_sim`` / ``neg_sim`` are this
+    rank's pairs only. Every rank must call it (collectives), also with no pairs of its own.
+
     Args:
         pred_features: per image ``(Q_b, D)`` predicted embeddings (queries or encoder tokens).
         object_embeddings: per image ``(N_b, D)`` target embeddings (MutDet: the enhanced ``O_enh``).
@@ -219,15 +246,45 @@ def alignment_loss(pred_features: Sequence[torch.Tensor], object_embeddings: Seq
     q = torch.cat([f[i] for f, i in zip(pred_features, query_index)])
     k = torch.cat([e[i] for e, i in zip(object_embeddings, target_index)])
     pairs = q.shape[0]
-    if pairs == 0:
+    sizes = _pair_counts(pairs, q.device)
+    total = sum(sizes)
+    if total == 0:
         zero = sum(f.sum() * 0 for f in pred_features) + sum(e.sum() * 0 for e in object_embeddings)
         nan = torch.tensor(float("nan"))
         return Alignment(zero, nan, nan, 0)
-    forward = info_nce(q, k, temperature=tau)
-    backward = info_nce(k, q, temperature=tau)
-    loss = 2 * tau * (forward + backward)
+    # Every rank's pairs (with gradients) are the columns: negatives span the global batch.
+    all_q, all_k = _gather_rows(q, sizes), _gather_rows(k, sizes)
+    if pairs == 0:  # nothing to contrast here, but the gathers' backward must run on every rank
+        nan = torch.tensor(float("nan"))
+        return Alignment((all_q.sum() + all_k.sum()) * 0, nan, nan, 0)
+    own = torch.arange(pairs, device=q.device) + sum(sizes[: adist.rank()])
+    forward = info_nce(q, all_k, temperature=tau, positive_index=own, reduction="sum")
+    backward = info_nce(k, all_q, temperature=tau, positive_index=own, reduction="sum")
+    # sum over this rank's rows / (global pairs / world size): DDP's mean gives the global mean
+    loss = 2 * tau * (forward + backward) / (total / adist.world_size())
     with torch.no_grad():
         cos = F.normalize(q.float(), dim=1) @ F.normalize(k.float(), dim=1).T
         pos_sim = cos.diagonal().mean()
         neg_sim = (cos - torch.diag_embed(cos.diagonal())).mean()
     return Alignment(loss, pos_sim, neg_sim, pairs)
+
+
+def _pair_counts(pairs: int, device: torch.device) -> list[int]:
+    """Matched pairs of every rank (``[pairs]`` without a process group)."""
+    if not adist.is_distributed():
+        return [pairs]
+    return [int(n) for n in adist.gather_no_grad(torch.tensor([pairs], device=device)).tolist()]
+
+
+def _gather_rows(rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenate every rank's ``rows`` (``sizes[r]`` each) in rank order, keeping gradients.
+
+    ``accord.dist.gather_with_grad`` needs one shape on every rank, and matched pairs differ per
+    rank, so the rows are padded to the largest count and the padding is cut off again.
+    """
+    if len(sizes) == 1:
+        return rows
+    most = max(sizes)
+    padded = torch.cat([rows, rows.new_zeros(most - rows.shape[0], *rows.shape[1:])])
+    gathered = adist.gather_with_grad(padded)
+    return torch.cat([gathered[r * most: r * most + n] for r, n in enumerate(sizes)])

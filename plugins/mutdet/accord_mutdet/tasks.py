@@ -7,11 +7,14 @@
   checkpoint (:func:`accord_mutdet.weights.load_pretrained_detector`), on a fixed, seeded fraction
   of the training images. Spec default 6 + 6 layers.
 * ``evaluate``: VOC07 rotated AP50 / AP75 per class of a fine-tuned checkpoint
-  (:func:`accord_mutdet.evaluation.evaluate_detections`).
+  (:func:`accord_mutdet.evaluation.evaluate_detections`); with ``patch_size`` the DOTA protocol:
+  detect on patches, merge into full images, score those and (``dota_task1``) write ``Task1_*.txt``.
 
 Optimisation follows the reference (AdamW, lr 1e-4, weight decay 1e-5, gradient clip 35, lr x0.1
-for the deformable sampling offsets and, when it trains, the backbone), with the core trainer's
-warm-up + cosine schedule in place of the reference's step decay at epoch 32 of 36.
+for the deformable sampling offsets and, when it trains, the backbone). The reference's schedule,
+36 epochs with the lr x0.1 after epoch 32, is ``epochs: 36``, ``lr_drop_epochs: [32]`` and
+``trainer.schedule: step`` (the shipped configs): :func:`resolved_trainer` turns epochs into
+optimizer steps from the number of training images.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from accord.config import ExistingPath, RunConfig, TrainerConfig
 from accord.runs import load_run
@@ -33,7 +36,7 @@ from accord_mutdet.models import DetectorOptions, MutDetOptions, RotatedDETR
 
 __all__ = [
     "EvaluateConfig", "FinetuneConfig", "PretrainConfig", "detector_model", "evaluate", "finetune",
-    "label_subset", "pretrain", "pretrain_model",
+    "label_subset", "pretrain", "pretrain_model", "resolved_trainer",
 ]
 
 Layout = Literal["auto", "dior_r", "dota"]
@@ -47,6 +50,71 @@ class DataOptions(RunConfig):
     version: str = Field("1.0", description="DOTA version for the class names (1.0 or 1.5)")
 
 
+class TrainingOptions(DataOptions):
+    """Fields of the training tasks: the reference's epoch-based schedule (spec §8), resolved into
+    optimizer steps at run start, and the augmentation switch."""
+
+    augment: bool = Field(True, description="the reference's random flips (none / horizontal / vertical / "
+                          "diagonal, 0.25 each); false: none (e.g. to compare runs sample for sample)")
+
+    epochs: int | None = Field(
+        None, ge=1, description="train for this many passes over the training images: trainer.max_steps = "
+        "epochs x floor(images / trainer.batch_size) (the trainer drops an incomplete last batch), replacing "
+        "trainer.max_steps (the resolved schedule goes to run_dir/schedule.json); None: trainer.max_steps as given")
+    lr_drop_epochs: list[int] = Field(
+        [], description="with epochs and trainer.schedule step: epochs after which the lr is multiplied by "
+        "trainer.lr_drop_factor (reference: [32] of 36); trainer.lr_drop_steps = epoch x steps per epoch")
+
+    @model_validator(mode="after")
+    def _drops_need_epochs(self) -> "TrainingOptions":
+        if self.lr_drop_epochs and self.epochs is None:
+            raise ValueError("lr_drop_epochs needs epochs (or give trainer.lr_drop_steps directly)")
+        if self.lr_drop_epochs and self.trainer.schedule != "step":
+            raise ValueError(f"lr_drop_epochs is set but trainer.schedule is {self.trainer.schedule!r}; "
+                             "use schedule: step")
+        if sorted(set(self.lr_drop_epochs)) != self.lr_drop_epochs or any(
+                not 1 <= e < (self.epochs or 0) for e in self.lr_drop_epochs):
+            raise ValueError(f"lr_drop_epochs {self.lr_drop_epochs}: expected increasing epochs in "
+                             f"[1, epochs={self.epochs})")
+        return self
+
+
+def resolved_trainer(cfg: TrainingOptions, train_images: int) -> TrainerConfig:
+    """``cfg.trainer`` with ``max_steps`` and ``lr_drop_steps`` from ``cfg.epochs`` over ``train_images``.
+
+    One epoch is ``floor(train_images / batch_size)`` optimizer steps (the core sampler drops the
+    incomplete tail; mmdet's sampler pads it instead, at most one step per epoch more). With
+    ``epochs`` set, ``trainer.max_steps`` is replaced (the tasks report the resolved schedule in their
+    result and in ``run_dir/schedule.json``); a ``trainer.lr_drop_steps`` given beside
+    ``lr_drop_epochs`` is refused.
+
+    Raises:
+        ValueError: the images do not fill one batch, or both drop forms are given.
+    """
+    trainer = cfg.trainer
+    if cfg.epochs is None:
+        return trainer
+    per_epoch = train_images // trainer.batch_size
+    if per_epoch < 1:
+        raise ValueError(f"{cfg.data}: {train_images} training images do not fill one batch of "
+                         f"trainer.batch_size={trainer.batch_size}")
+    if cfg.lr_drop_epochs and trainer.lr_drop_steps:
+        raise ValueError(f"give lr_drop_epochs ({cfg.lr_drop_epochs}) or trainer.lr_drop_steps "
+                         f"({trainer.lr_drop_steps}), not both")
+    drops = [epoch * per_epoch for epoch in cfg.lr_drop_epochs] or trainer.lr_drop_steps
+    return TrainerConfig.model_validate({**trainer.model_dump(), "max_steps": cfg.epochs * per_epoch,
+                                         "lr_drop_steps": drops})
+
+
+def _schedule_record(cfg: TrainingOptions, trainer: TrainerConfig, train_images: int) -> dict[str, Any]:
+    """The resolved schedule, written to ``run_dir/schedule.json`` and returned with the task result."""
+    record = {"train_images": train_images, "epochs": cfg.epochs, "steps_per_epoch": train_images // trainer.batch_size,
+              "max_steps": trainer.max_steps, "schedule": trainer.schedule, "lr_drop_steps": trainer.lr_drop_steps,
+              "warmup_steps": trainer.warmup_steps, "warmup_start_factor": trainer.warmup_start_factor}
+    _write_json(Path(cfg.run_dir) / "schedule.json", record)
+    return record
+
+
 class BoxProbeOptions(OnlineProbeOptions):
     """Online probe of pretraining: a linear classifier of encoder features at labelled object centres."""
 
@@ -54,7 +122,7 @@ class BoxProbeOptions(OnlineProbeOptions):
     max_images: int = Field(32, ge=1, description="images of that split used (the first ones)")
 
 
-class PretrainConfig(DataOptions):
+class PretrainConfig(TrainingOptions):
     split: str = Field("train", description="images to pretrain on (their annotations are not used)")
     pseudo_dir: ExistingPath = Field(description="pseudo-labels, one <image id>.npz per image (pseudolabel task)")
     image_size: int = Field(1024, ge=32, description="square input side (reference: 800 patches resized to 1024)")
@@ -63,11 +131,11 @@ class PretrainConfig(DataOptions):
     mutdet: MutDetOptions = MutDetOptions()
     trainer: TrainerConfig = TrainerConfig(
         max_steps=1000, batch_size=2, lr=1e-4, weight_decay=1e-5, grad_clip_norm=35.0, warmup_steps=100,
-        checkpoint_every=500, lr_multipliers={"sampling_offsets": 0.1})
+        warmup_start_factor=1 / 3, checkpoint_every=500, lr_multipliers={"sampling_offsets": 0.1})
     probe: BoxProbeOptions | None = Field(None, description="online probe (None: off)")
 
 
-class FinetuneConfig(DataOptions):
+class FinetuneConfig(TrainingOptions):
     split: str = Field("trainval", description="labelled training split (DIOR-R trainval, DOTA train)")
     label_fraction: float = Field(1.0, gt=0, le=1, description="fraction of the training images used")
     split_seed: int = Field(0, description="seed of the fixed label-fraction subset (independent of the run seed)")
@@ -81,7 +149,7 @@ class FinetuneConfig(DataOptions):
     model: DetectorOptions = DetectorOptions()
     trainer: TrainerConfig = TrainerConfig(
         max_steps=1000, batch_size=2, lr=1e-4, weight_decay=1e-5, grad_clip_norm=35.0, warmup_steps=100,
-        checkpoint_every=500, lr_multipliers={"sampling_offsets": 0.1, r"^backbone\.": 0.1})
+        warmup_start_factor=1 / 3, checkpoint_every=500, lr_multipliers={"sampling_offsets": 0.1, r"^backbone\.": 0.1})
 
 
 class EvaluateConfig(DataOptions):
@@ -91,6 +159,20 @@ class EvaluateConfig(DataOptions):
     batch_size: int = Field(2, ge=1)
     rule: Literal["voc", "mmrotate"] = Field("voc", description="VOC07 11-point rule (see accord_mutdet.evaluation)")
     dota_task1: bool = Field(False, description="also write Task1_<class>.txt files under run_dir/task1")
+    patch_size: int | None = Field(
+        None, ge=16, description="DOTA protocol: cut every image into patch_size windows (run_dir/patches), detect "
+        "per patch, merge into full images (score filter, per-class rotated NMS) and score those; None: whole images")
+    patch_gap: int = Field(200, ge=0, description="overlap of neighbouring windows (reference: 200)")
+    merge_iou: float = Field(0.1, gt=0, le=1, description="cross-patch rotated NMS IoU (reference merge_det: 0.1)")
+    merge_score_thr: float = Field(0.05, ge=0, le=1, description="patch detections below it are dropped (0.05)")
+    patch_nms_iou: float | None = Field(0.5, gt=0, le=1, description="rotated NMS within each patch before "
+                                        "merging (reference merge_det: 0.5; None: none)")
+
+    @model_validator(mode="after")
+    def _gap_fits(self) -> "EvaluateConfig":
+        if self.patch_size is not None and self.patch_gap >= self.patch_size:
+            raise ValueError(f"patch_gap ({self.patch_gap}) must be smaller than patch_size ({self.patch_size})")
+        return self
 
 
 # --- model factories -------------------------------------------------------------------------------
@@ -199,14 +281,17 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     records = _records(cfg, cfg.split)
     _check_pseudo_labels(cfg, records)
-    dataset = DetectionDataset(records, image_size=cfg.image_size, train=True, pseudo_dir=cfg.pseudo_dir)
+    dataset = DetectionDataset(records, image_size=cfg.image_size, train=cfg.augment, pseudo_dir=cfg.pseudo_dir)
     model = pretrain_model(cfg)
     if cfg.model.backbone_weights is not None:
         load_backbone_weights(model.backbone, cfg.model.backbone_weights)
     callbacks = [box_probe(cfg)[0]] if cfg.probe is not None else []
-    trainer = Trainer.for_run(cfg, model_factory="mutdet.pretrain", callbacks=callbacks)
+    options = resolved_trainer(cfg, len(dataset))
+    schedule = _schedule_record(cfg, options, len(dataset))
+    trainer = Trainer.for_run(cfg, model_factory="mutdet.pretrain", callbacks=callbacks, trainer=options)
     result = trainer.fit(model, dataset, collate_fn=collate_detection)
-    return {**result, "method": "mutdet" if cfg.mutdet.enhancement else "detreg", "images": len(records)}
+    return {**result, "method": "mutdet" if cfg.mutdet.enhancement else "detreg", "images": len(records),
+            "schedule": schedule}
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -219,7 +304,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     records = _records(cfg, cfg.split)
     subset = label_subset(records, cfg.label_fraction, cfg.split_seed)
     write_text_atomically(Path(cfg.run_dir) / "label_split.txt", "".join(f"{r.id}\n" for r in subset))
-    dataset = DetectionDataset(subset, image_size=cfg.image_size, train=True, class_names=class_names)
+    dataset = DetectionDataset(subset, image_size=cfg.image_size, train=cfg.augment, class_names=class_names)
     model = detector_model(cfg, class_names)
     weights: dict[str, Any] = {"init": "random"}
     if cfg.model.backbone_weights is not None:
@@ -228,9 +313,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.checkpoint is not None:
         weights = {"init": "pretrained", **load_pretrained_detector(model, cfg.checkpoint, cfg.layer_mapping)}
     _write_json(Path(cfg.run_dir) / "weights.json", weights)
-    trainer = Trainer.for_run(cfg, model_factory="mutdet.detector", model_options={"class_names": class_names})
+    options = resolved_trainer(cfg, len(dataset))
+    schedule = _schedule_record(cfg, options, len(dataset))
+    trainer = Trainer.for_run(cfg, model_factory="mutdet.detector", model_options={"class_names": class_names},
+                              trainer=options)
     result = trainer.fit(model, dataset, collate_fn=collate_detection)
-    return {**result, "labelled_images": len(subset), "weights": weights}
+    return {**result, "labelled_images": len(subset), "weights": weights, "schedule": schedule}
 
 
 @torch.no_grad()
@@ -253,8 +341,15 @@ def predict_records(model: RotatedDETR, records: list, image_size: int, batch_si
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    """VOC07 rotated AP50 / AP75 per class of a fine-tuned checkpoint on one split."""
-    from accord_mutdet.evaluation import evaluate_detections, write_dota_task1
+    """VOC07 rotated AP50 / AP75 per class of a fine-tuned checkpoint on one split.
+
+    With ``patch_size`` (DOTA): the split's images are cut into windows written under
+    ``run_dir/patches`` (:func:`accord_mutdet.data.write_patches`), the detector runs per window,
+    and :func:`accord_mutdet.evaluation.evaluate_patch_detections` merges the windows' detections
+    into full images and scores them against the full-image annotations.
+    """
+    from accord_mutdet.data import write_patches
+    from accord_mutdet.evaluation import evaluate_detections, evaluate_patch_detections, write_dota_task1
 
     run = load_run(cfg.checkpoint)
     if not isinstance(run.model, RotatedDETR) or run.record.get("task") != "finetune":
@@ -263,15 +358,30 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     model = run.model
     image_size = cfg.image_size or run.config.image_size
     records = _records(cfg, cfg.split)
-    detections = predict_records(model, records, image_size, cfg.batch_size)
-    scores = evaluate_detections(detections, records, model.class_names, rule=cfg.rule)
+    unknown = sorted({name for record in records for name in record.labels} - set(model.class_names))
+    if unknown:  # scoring them would silently give AP 0
+        raise ValueError(f"{cfg.data} ({cfg.split}): classes {unknown} are not among the checkpoint's "
+                         f"{len(model.class_names)} classes ({', '.join(model.class_names[:4])}, ...); evaluate a "
+                         "detector fine-tuned on this dataset")
+    task1_dir = Path(cfg.run_dir) / "task1" if cfg.dota_task1 else None
+    extra: dict[str, Any] = {}
+    if cfg.patch_size is None:
+        detections = predict_records(model, records, image_size, cfg.batch_size)
+        scores = evaluate_detections(detections, records, model.class_names, rule=cfg.rule)
+        if task1_dir is not None:
+            write_dota_task1(detections, model.class_names, task1_dir)
+    else:
+        patches = write_patches(records, Path(cfg.run_dir) / "patches", size=cfg.patch_size, gap=cfg.patch_gap)
+        detections = predict_records(model, patches, image_size, cfg.batch_size)
+        scores = evaluate_patch_detections(detections, records, model.class_names, rule=cfg.rule,
+                                           nms_iou=cfg.merge_iou, score_thr=cfg.merge_score_thr,
+                                           patch_nms_iou=cfg.patch_nms_iou, task1_dir=task1_dir)
+        extra = {"patches": len(patches), "patch_size": cfg.patch_size, "patch_gap": cfg.patch_gap}
     result = {
         "AP50": scores["AP50"], "AP75": scores["AP75"], "mean_AP50_AP75": scores["mean_AP50_AP75"],
-        "rule": cfg.rule, "images": len(records),
+        "rule": cfg.rule, "images": len(records), **extra,
         "AP50_per_class": {n: (e["AP50"] if e["num_gts"] else None) for n, e in scores["per_class"].items()},
         "AP75_per_class": {n: (e["AP75"] if e["num_gts"] else None) for n, e in scores["per_class"].items()},
     }
     _write_json(Path(cfg.run_dir) / "evaluation.json", {**result, "per_class": scores["per_class"]})
-    if cfg.dota_task1:
-        write_dota_task1(detections, model.class_names, Path(cfg.run_dir) / "task1")
     return result

@@ -82,3 +82,16 @@ def test_split_dota_task(synth_root: Path, tmp_path: Path):
     result = run_task(SplitDotaConfig(run_dir=tmp_path, data=synth_root / "DOTA", split="val", size=100, gap=40))
     assert result["split"] == "val_100_40" and result["patches"] == 4 and result["images"] == 1
     assert len(load_dota(tmp_path, "val_100_40")) == 4
+
+
+def test_merge_suppresses_within_a_patch_first():
+    """merge_det's order: NMS 0.5 inside a patch, then 0.1 across; B (0.3 with A, 0.6 with C) removes
+    C inside the patch before A removes B, so C never survives (one 0.1 NMS would keep A and C)."""
+    a, b, c = [10, 10, 10, 10, 0.0], [16, 10, 10, 10, 0.0], [18.5, 10, 10, 10, 0.0]
+    iou = box_iou_rotated(torch.tensor([a, b, c]), torch.tensor([a, b, c]))
+    assert 0.1 < iou[0, 1] < 0.5 < iou[1, 2] and iou[0, 2] < 0.1
+    detections = {"P1__64__0___0": {"boxes": np.array([a, b, c], np.float32), "scores": np.array([0.9, 0.8, 0.7]),
+                                    "labels": np.zeros(3, np.int64)}}
+    assert merge_patch_detections(detections)["P1"]["scores"].tolist() == pytest.approx([0.9])
+    kept = merge_patch_detections(detections, patch_iou_thr=None)["P1"]["scores"].tolist()
+    assert kept == pytest.approx([0.9, 0.7])

@@ -150,3 +150,113 @@ def test_tasks_rerun_and_resume_bit_exact(data, tmp_path, task):
                               split="trainval", label_fraction=0.5, image_size=64, model=model, trainer=trainer)
 
     assert_reruns_are_bit_exact(config, tmp_path)
+
+
+@pytest.mark.parametrize("name, model", [("pretrain", PretrainConfig), ("finetune", FinetuneConfig)])
+def test_shipped_configs_give_the_reference_step_schedule(name, model):
+    """36 epochs, lr x0.1 after epoch 32 (spec §8), in optimizer steps of the documented dataset size."""
+    from accord.config import read_yaml, validate_config
+    from accord.training.optim import learning_rate_at
+
+    from accord_mutdet.tasks import resolved_trainer
+
+    path = Path(__file__).parents[3] / "configs" / "mutdet" / f"{name}.yaml"
+    cfg = validate_config(model, read_yaml(path), source=str(path), check_paths=False)
+    trainer = resolved_trainer(cfg, 11725)  # DIOR-R trainval, the count finetune.yaml documents
+    assert (trainer.max_steps, trainer.lr_drop_steps) == (211032, [187584])
+    assert learning_rate_at(499, trainer) < learning_rate_at(500, trainer) == pytest.approx(1e-4)
+    assert learning_rate_at(187583, trainer) == pytest.approx(1e-4)
+    assert learning_rate_at(187584, trainer) == pytest.approx(1e-5)
+    assert learning_rate_at(211031, trainer) == pytest.approx(1e-5)
+
+
+def test_epochs_resolve_into_steps_and_contradictions_are_refused(data, tmp_path):
+    from accord_mutdet.tasks import resolved_trainer
+
+    base = dict(plugin="mutdet", task="finetune", run_dir=tmp_path, data=data / "DIOR-R", split="trainval",
+                image_size=64, model=DetectorOptions(**TINY, encoder_layers=1, decoder_layers=1))
+    step = TrainerConfig(batch_size=2, schedule="step", checkpoint_every=6, warmup_steps=0, log_every=1)
+    cfg = FinetuneConfig(**base, epochs=3, lr_drop_epochs=[2], trainer=step)
+    assert (resolved_trainer(cfg, 5).max_steps, resolved_trainer(cfg, 5).lr_drop_steps) == (6, [4])
+    result = run_task(cfg)  # 4 trainval images at batch 2: 2 steps per epoch
+    assert result["step"] == 6 and result["schedule"]["lr_drop_steps"] == [4]
+    assert json.loads((tmp_path / "schedule.json").read_text())["steps_per_epoch"] == 2
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = {record["step"]: record["lr"] for record in records if "lr" in record}
+    assert [lrs[s] for s in range(1, 7)] == pytest.approx([1e-3] * 4 + [1e-4] * 2)  # dropped after step 4
+    with pytest.raises(ValueError, match="not both"):
+        resolved_trainer(FinetuneConfig(**base, epochs=3, lr_drop_epochs=[2],
+                                        trainer=step.model_copy(update={"lr_drop_steps": [3]})), 5)
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        resolved_trainer(FinetuneConfig(**base, epochs=3, trainer=step), 1)
+    with pytest.raises(ValueError, match="use schedule: step"):
+        FinetuneConfig(**base, epochs=3, lr_drop_epochs=[2])
+    with pytest.raises(ValueError, match="needs epochs"):
+        FinetuneConfig(**base, lr_drop_epochs=[2], trainer=step)
+    with pytest.raises(ValueError, match="increasing epochs"):
+        FinetuneConfig(**base, epochs=3, lr_drop_epochs=[3], trainer=step)
+
+
+@pytest.fixture(scope="module")
+def dota_checkpoint(data, tmp_path_factory) -> Path:
+    """A 2-step fine-tuned detector for DOTA's 15 classes (its APs do not matter)."""
+    cfg = FinetuneConfig(plugin="mutdet", task="finetune", run_dir=tmp_path_factory.mktemp("dota_finetune"),
+                         data=data / "DOTA", split="train", image_size=64,
+                         model=DetectorOptions(**TINY, encoder_layers=1, decoder_layers=1), trainer=TRAINER)
+    return Path(run_task(cfg)["checkpoint"])
+
+
+def test_dota_evaluation_detects_on_patches_and_scores_merged_full_images(data, dota_checkpoint, tmp_path,
+                                                                          monkeypatch):
+    """split -> detect -> merge -> AP inside the evaluate task, with an oracle detector: the patches'
+    boxes from the full-image truth (cut at no border, so overlapping windows repeat objects) must
+    merge back into exactly the truth, AP50 = AP75 = 1, with Task1 lines in full-image pixels."""
+    import accord_mutdet.tasks as tasks
+    from accord_mutdet.data import load_dota, parse_patch_name
+
+    checkpoint = dota_checkpoint
+    truth = {r.id: r for r in load_dota(data / "DOTA", "val")}
+    seen = []
+
+    def oracle(model, records, image_size, batch_size):
+        out = {}
+        for patch in records:
+            seen.append(patch.id)
+            source, x, y = parse_patch_name(patch.id)
+            full = truth[source]
+            inside = ((full.boxes[:, 0] >= x) & (full.boxes[:, 0] < x + patch.width)
+                      & (full.boxes[:, 1] >= y) & (full.boxes[:, 1] < y + patch.height))
+            boxes = full.boxes[inside].copy()
+            boxes[:, :2] -= (x, y)
+            out[patch.id] = {"boxes": boxes, "scores": np.linspace(0.9, 0.5, len(boxes)),
+                             "labels": np.array([model.class_names.index(n) for n, keep in zip(full.labels, inside)
+                                                 if keep], np.int64)}
+        return out
+
+    monkeypatch.setattr(tasks, "predict_records", oracle)
+    cfg = EvaluateConfig(plugin="mutdet", task="evaluate", run_dir=tmp_path / "evaluate", data=data / "DOTA",
+                         split="val", checkpoint=checkpoint, patch_size=80, patch_gap=32, dota_task1=True)
+    result = run_task(cfg)
+    assert result["images"] == len(truth) and result["patches"] == 4 * len(truth) == len(seen)
+    assert result["AP50"] == pytest.approx(1.0) and result["AP75"] == pytest.approx(1.0)
+    assert sorted(seen) == sorted(p.stem for p in (tmp_path / "evaluate" / "patches" / "images").glob("*.png"))
+    lines = [line.split() for path in (tmp_path / "evaluate" / "task1").glob("Task1_*.txt")
+             for line in path.read_text().splitlines()]
+    assert len(lines) == sum(len(r.boxes) for r in truth.values())
+    assert {line[0] for line in lines} == set(truth)  # full-image ids, not patch names
+    assert max(float(v) for line in lines for v in line[2:]) > 80  # corners in full-image pixels
+
+
+def test_dota_evaluation_with_the_trained_detector(data, dota_checkpoint, tmp_path):
+    checkpoint = dota_checkpoint
+    result = run_task(EvaluateConfig(plugin="mutdet", task="evaluate", run_dir=tmp_path / "evaluate",
+                                     data=data / "DOTA", split="val", checkpoint=checkpoint, patch_size=80,
+                                     patch_gap=32, merge_score_thr=0.0, dota_task1=True))
+    assert result["patches"] == 4 and 0 <= result["AP50"] <= 1
+    assert len(list((tmp_path / "evaluate" / "task1").glob("Task1_*.txt"))) == 15  # DOTA-v1.0 classes
+    with pytest.raises(ValueError, match=r"classes \['airplane'.* are not among the checkpoint's 15 classes"):
+        run_task(EvaluateConfig(plugin="mutdet", task="evaluate", run_dir=tmp_path / "dior", data=data / "DIOR-R",
+                                split="test", checkpoint=checkpoint))
+    with pytest.raises(ValueError, match="patch_gap"):
+        EvaluateConfig(plugin="mutdet", task="evaluate", run_dir=tmp_path, data=data / "DOTA", checkpoint=checkpoint,
+                       patch_size=64, patch_gap=64)

@@ -12,9 +12,11 @@ partly inside one is *clipped*: it becomes the minimum-area rectangle of its par
 (the DOTA devkit's rule) and is flagged ``truncated`` (mmrotate 1.x's ``trunc``). The difficult
 flag is kept.
 
-Merging follows MutDet's ``merge_det``: detections below ``score_thr`` (0.05) are dropped, boxes
-are shifted by their window's offset, then rotated NMS per class at ``iou_thr`` (0.1) across the
-patches of an image (``accord.boxes.nms_rotated``, mmcv's kernel).
+Merging follows MutDet's ``merge_det``: detections below ``score_thr`` (0.05) are dropped, rotated
+NMS per class at ``patch_iou_thr`` (0.5) within each patch, boxes are shifted by their window's
+offset, then rotated NMS per class at ``iou_thr`` (0.1) across the patches of an image
+(``accord.boxes.nms_rotated``, mmcv's kernel). The first NMS is not implied by the second: a box
+suppressed at 0.5 in its patch can no longer suppress others at 0.1.
 """
 
 from __future__ import annotations
@@ -156,7 +158,8 @@ def write_patches(records: Iterable[ImageRecord], out_dir: str | Path, *, size: 
 
 
 def merge_patch_detections(detections: Mapping[str, Mapping[str, torch.Tensor | np.ndarray]], *,
-                           iou_thr: float = 0.1, score_thr: float = 0.05) -> dict[str, dict[str, torch.Tensor]]:
+                           iou_thr: float = 0.1, score_thr: float = 0.05,
+                           patch_iou_thr: float | None = 0.5) -> dict[str, dict[str, torch.Tensor]]:
     """Merge per-patch detections into full-image detections.
 
     Args:
@@ -164,6 +167,7 @@ def merge_patch_detections(detections: Mapping[str, Mapping[str, torch.Tensor | 
             pixels, "scores": (M,), "labels": (M,) int}``.
         iou_thr: rotated NMS threshold across patches, per class (MutDet / mmrotate: 0.1).
         score_thr: detections below it are dropped first (0.05).
+        patch_iou_thr: rotated NMS threshold within each patch first, per class (0.5; None: none).
 
     Returns:
         Source image id -> ``{"boxes": (K, 5) in full-image pixels, "scores": (K,), "labels": (K,)}``,
@@ -176,6 +180,9 @@ def merge_patch_detections(detections: Mapping[str, Mapping[str, torch.Tensor | 
         scores = scores.float()
         keep = scores >= score_thr
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        if patch_iou_thr is not None and len(boxes):
+            keep = nms_rotated(boxes, scores, patch_iou_thr, labels=labels)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         boxes[:, 0] += x
         boxes[:, 1] += y
         grouped.setdefault(source, []).append((boxes, scores, labels))
@@ -185,7 +192,6 @@ def merge_patch_detections(detections: Mapping[str, Mapping[str, torch.Tensor | 
         keep = nms_rotated(boxes, scores, iou_thr, labels=labels)
         merged[source] = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
     return merged
-
 
 
 class SplitDotaConfig(RunConfig):
@@ -201,6 +207,7 @@ class SplitDotaConfig(RunConfig):
     gap: int = Field(200, ge=0, description="overlap of neighbouring patches (reference: 200)")
     iof_thr: float = Field(0.7, gt=0, le=1, description="fraction of an object inside a patch to keep it")
     keep_empty: bool = Field(True, description="also write patches without objects")
+
 
 def run_split_dota(cfg: SplitDotaConfig) -> dict[str, object]:
     """Check and read the split, then write ``run_dir/<split>_<size>_<gap>/{images,labelTxt}`` (a DOTA split)."""

@@ -46,7 +46,8 @@ class DenoisingQueries:
 
 def make_denoising_queries(labels: list[torch.Tensor], boxes: list[torch.Tensor], num_queries: int,
                            num_classes: int, num_dn: int = 100, label_noise: float = 0.5,
-                           box_noise: float = 0.4, angle_noise: float = 0.02) -> DenoisingQueries | None:
+                           box_noise: float = 0.4, angle_noise: float = 0.02,
+                           most: int | None = None) -> DenoisingQueries | None:
     """Build ``G = max(1, num_dn // T)`` groups of positive and negative noised copies of the targets.
 
     * labels: each copy's label is replaced by a random class with probability ``label_noise / 2``
@@ -61,11 +62,17 @@ def make_denoising_queries(labels: list[torch.Tensor], boxes: list[torch.Tensor]
         boxes: per image ``(T_b, 5)`` normalised ``(cx, cy, w, h, theta)``.
         num_queries: matching queries that follow the noised ones (for the attention mask).
         num_classes: number of classes.
+        most: ``T``, the most targets of one image; default: of these images. Under DDP the
+            detector passes the global batch's (all ranks then build the same groups and size).
 
     Returns:
         The queries, or ``None`` when no image has a target (nothing to denoise).
     """
-    most = max(int(t.shape[0]) for t in labels)
+    local_most = max(int(t.shape[0]) for t in labels)
+    if most is None:
+        most = local_most
+    elif most < local_most:
+        raise ValueError(f"most={most}: an image here has {local_most} targets")
     if most == 0 or num_dn <= 0:
         return None
     device = boxes[0].device

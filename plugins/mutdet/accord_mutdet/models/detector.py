@@ -43,6 +43,7 @@ from accord_mutdet.losses import (
     focal_loss,
     hbb_giou_loss,
     match_queries,
+    rank_normaliser,
 )
 from accord_mutdet.models.attention import RotatedMultiScaleDeformableAttention
 from accord_mutdet.models.backbone import ResNetBackbone
@@ -104,6 +105,17 @@ def proposal_scores(token_embed: torch.Tensor, objects: torch.Tensor, object_pad
     cosine = cosine.masked_fill(object_padding[:, None, :], float("-inf")).amax(-1)
     cosine = torch.where(object_padding.all(1)[:, None], torch.ones_like(cosine), cosine)
     return cosine * (objectness.sigmoid() if mode == "sigmoid" else objectness)
+
+
+def _global_most(targets: list[dict[str, torch.Tensor]], device: torch.device) -> int:
+    """Most targets of one image in the global batch: every DDP rank builds the same DN groups
+    (as one process on the global batch does) and takes the same collective-bearing branches."""
+    most = max((t["labels"].numel() for t in targets), default=0)
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return most
+    value = torch.tensor([most], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return int(value)
 
 
 class DecoderLayer(nn.Module):
@@ -382,7 +394,10 @@ class RotatedDETR(nn.Module):
     def _branch_losses(self, enc_heads, layers, dn: DenoisingQueries | None, targets, objects,
                        enc_embeddings: torch.Tensor | None, prefix: str) -> dict[str, torch.Tensor]:
         """Encoder, decoder (every layer), denoising and (MutDet) alignment terms of one branch."""
-        num_pos = float(sum(t["labels"].numel() for t in targets))
+        device = enc_heads["logits"].device
+        # global-batch normalisers (DDP then reproduces one process on the same global batch)
+        num_pos = rank_normaliser(sum(t["labels"].numel() for t in targets), device)
+        dn_pos = rank_normaliser(int(dn.positive.sum()), device) if dn is not None else 0.0
         losses: dict[str, torch.Tensor] = {}
         binary_targets = [{**t, "labels": t["labels"].new_zeros(t["labels"].shape)} for t in targets]
         enc_matches = match_queries(enc_heads["logits"], enc_heads["boxes"], enc_heads["angles"], binary_targets,
@@ -401,7 +416,7 @@ class RotatedDETR(nn.Module):
                 noised = {k: v[:, :dn_size] for k, v in out.items()}
                 dn_matches = [(dn.positive[b].nonzero()[:, 0], dn.target_index[b][dn.positive[b]])
                               for b in range(len(targets))]
-                terms = self._terms(noised, dn_matches, targets, float(dn.positive.sum()), rows=dn.valid)
+                terms = self._terms(noised, dn_matches, targets, dn_pos, rows=dn.valid)
             else:
                 terms = {name: out["logits"].sum() * 0 for name in ("cls", "bbox", "iou", "angle")}
             for name, value in terms.items():
@@ -462,7 +477,8 @@ class RotatedDETR(nn.Module):
         o = self.options
         dn = make_denoising_queries([t["labels"] for t in targets], [t["rotated"] for t in targets],
                                     o.num_queries, self.num_classes, o.num_dn_queries, o.dn_label_noise,
-                                    o.dn_box_noise, o.dn_angle_noise) if self.training else None
+                                    o.dn_box_noise, o.dn_angle_noise, most=_global_most(targets, images.device)
+                                    ) if self.training else None
         enc_heads, layers = self._plain_branch(encoded, dn)
         if self.mutdet_options is None:
             losses = self._branch_losses(enc_heads, layers, dn, targets, None, None, "")
