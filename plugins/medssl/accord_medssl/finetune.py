@@ -1,4 +1,5 @@
-"""3D segmentation fine-tuning and evaluation with MONAI's SwinUNETR (the ``finetune`` / ``evaluate`` tasks).
+"""3D segmentation fine-tuning and evaluation (the ``finetune`` / ``evaluate`` tasks): MONAI's SwinUNETR
+from Alice, or GEMINI's backbone U-Net from GEMINI-MIP (``network: gemini_unet``).
 
 Protocol:
 
@@ -7,72 +8,93 @@ Protocol:
   keeps a random subset of the train cases (at least one), drawn with the run seed;
 - the network is ``monai.networks.nets.SwinUNETR``, either randomly initialised or with every
   weight but the output layer taken from an Alice pretraining checkpoint
-  (:func:`~accord_medssl.weights.alice_backbone`);
-- training: ``DiceCELoss`` on ``RandCropByPosNegLabeld`` crops (foreground-centred with probability
-  ``foreground_probability``), through the core :class:`~accord.training.Trainer`; optionally with
-  per-class weights (``class_weights``: given, or from the training labels' voxel counts by
-  :func:`inverse_sqrt_frequency_weights`), which MONAI applies to both the cross-entropy and the Dice
-  term, so that a background of ~95 % of the voxels does not drown the small organs;
+  (:func:`~accord_medssl.weights.alice_backbone`); or, with ``network: gemini_unet``, GVSL's
+  downstream network (medssl §3.3): GEMINI's backbone :class:`~accord_medssl.gemini.networks.GeminiUNet`
+  (random, or loaded strictly from a ``gemini_pretrain`` checkpoint) and a ``conv3`` head to the
+  classes, every weight trained (:class:`GeminiSegmentationNetwork`); its volumes keep their raw
+  intensities normalised as GEMINI pretrained on them (``intensity``) instead of Alice's HU window;
+- training: ``DiceCELoss`` (or GVSL's ``DiceLoss``, ``loss: dice``) on ``RandCropByPosNegLabeld``
+  crops (foreground-centred with probability ``foreground_probability``), through the core
+  :class:`~accord.training.Trainer`; optionally with per-class weights (``class_weights``: given,
+  or from the training labels' voxel counts by :func:`inverse_sqrt_frequency_weights`), which
+  MONAI applies to both the cross-entropy and the Dice term, so that a background of ~95 % of the
+  voxels does not drown the small organs;
 - validation every ``trainer.validate_every`` steps and after the last step (the trainer's
   ``validate``): ``sliding_window_inference`` over each whole validation case, per-class Dice with
   ``DiceMetric`` (background excluded; a class absent from a case's ground truth does not count for
   that case), logged as ``val/dice`` and ``val/dice/<class>`` in ``metrics.jsonl``; the core
   :class:`~accord.training.BestCheckpoint` keeps the weights with the best mean Dice as
-  ``<run_dir>/best.safetensors``, a MONAI weights file (:mod:`accord_medssl.weights`) that also
-  records the labels, crop size, split and preprocessing, so ``evaluate`` scores the right cases
-  the right way.
+  ``<run_dir>/best.safetensors``, a MONAI weights file (:mod:`accord_medssl.weights`; for
+  ``gemini_unet`` the same layout with format :data:`GEMINI_SEGMENTATION_FORMAT` and the network's
+  ``gemini_kwargs``) that also records the labels, crop size, split and preprocessing, so
+  ``evaluate`` scores the right cases the right way.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from monai.data import list_data_collate
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric
 from monai.networks import one_hot
 from monai.networks.nets import SwinUNETR
-from monai.transforms import RandCropByPosNegLabeld, SpatialPadd
-from pydantic import Field, PositiveFloat
+from monai.transforms import Lambdad, RandCropByPosNegLabeld, SpatialPadd
+from pydantic import Field, PositiveFloat, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
 from accord.config import ExistingPath, StrictModel, TrainerConfig
-from accord.training import BestCheckpoint, Trainer
+from accord.training import BestCheckpoint, Trainer, load_checkpoint
 from accord.utils.files import write_text_atomically
-from accord_medssl.data import decathlon_items, require_valid
+from accord_medssl.data import build_dataset, decathlon_items, require_valid
 from accord_medssl.data.layout import DATASET_JSON, is_msd_root
-from accord_medssl.weights import alice_backbone, build_swin_unetr, save_monai_weights, sidecar_path
+from accord_medssl.gemini.data import normalise_intensity
+from accord_medssl.gemini.export import save_weights
+from accord_medssl.gemini.networks import GeminiNetworkOptions, GeminiUNet
+from accord_medssl.weights import alice_backbone, load_monai_weights, run_description, save_monai_weights, sidecar_path
 from accord_medssl.models import SwinUNETRBackboneOptions
 from accord_medssl.views import VolumeRunConfig
 
 __all__ = [
+    "GEMINI_SEGMENTATION_FORMAT",
     "EvaluateConfig",
     "FinetuneConfig",
+    "GeminiSegmentationNetwork",
+    "GeminiUNetOptions",
     "SegmentationModel",
     "SegmentationRunConfig",
     "SlidingWindowOptions",
     "SplitOptions",
+    "build_segmentation_network",
     "evaluate",
     "finetune",
     "finite_or_none",
+    "gemini_initial_network",
     "initial_network",
     "inverse_sqrt_frequency_weights",
     "labelled_items",
     "labelled_subset",
     "segmentation_dice",
+    "segmentation_volumes",
     "split_cases",
     "training_class_weights",
     "training_crops",
 ]
 
 BEST_WEIGHTS = "best.safetensors"
+#: The ``format`` of a fine-tuned ``gemini_unet`` weights file (:class:`GeminiSegmentationNetwork`).
+GEMINI_SEGMENTATION_FORMAT = "accord_medssl.finetune.GeminiSegmentationNetwork"
+#: The GEMINI runs whose checkpoints hold a backbone ``network.unet`` to fine-tune.
+GEMINI_TASKS = ("gemini_pretrain", "gemini_semisup")
+Intensity = Literal["hu_window", "ct_clip", "minmax"]
 
 
 class SplitOptions(StrictModel):
@@ -96,7 +118,9 @@ class SegmentationRunConfig(VolumeRunConfig):
     the network, the cases it learns from and the window it sees (``finetune``, and the frozen
     probe of :mod:`accord_medssl.probe`)."""
 
-    checkpoint: ExistingPath | None = Field(None, description="Alice pretraining checkpoint; None: random init")
+    checkpoint: ExistingPath | None = Field(
+        None, description="Alice pretraining checkpoint (finetune with network gemini_unet: a gemini_pretrain one); "
+        "None: random init")
     pretrained_weights: Literal["student", "teacher"] = Field(
         "student", description="which network of the checkpoint (the reference fine-tunes the student)"
     )
@@ -110,8 +134,33 @@ class SegmentationRunConfig(VolumeRunConfig):
     sliding_window: SlidingWindowOptions = SlidingWindowOptions()
 
 
+class GeminiUNetOptions(StrictModel):
+    """Architecture of GEMINI's 3D backbone U-Net (:class:`~accord_medssl.gemini.networks.GeminiUNet`)."""
+
+    in_channels: int = Field(1, ge=1, description="image channels")
+    channels: tuple[int, int, int, int, int] = Field(
+        (32, 64, 128, 256, 512), description="encoder widths (the reference's); the decoder mirrors the first four")
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> GeminiUNetOptions:
+        GeminiNetworkOptions(in_channels=self.in_channels, channels=self.channels)  # its GroupNorm check
+        return self
+
+
 class FinetuneConfig(SegmentationRunConfig):
-    """The ``finetune`` task: SwinUNETR segmentation from an Alice checkpoint or from scratch."""
+    """The ``finetune`` task: SwinUNETR segmentation from an Alice checkpoint or from scratch, or GEMINI's
+    backbone U-Net from a ``gemini_pretrain`` checkpoint or from scratch (``network: gemini_unet``)."""
+
+    network: Literal["swin_unetr", "gemini_unet"] = Field(
+        "swin_unetr", description="swin_unetr: MONAI SwinUNETR (checkpoint: Alice's); gemini_unet: GEMINI's backbone "
+        "U-Net + conv3 head, every weight trained (checkpoint: a gemini_pretrain run's, loaded strictly; medssl §3.3)")
+    gemini_unet: GeminiUNetOptions | None = Field(
+        None, description="gemini_unet architecture; None: the checkpoint's (gemini.network) or the reference's")
+    intensity: Intensity | None = Field(
+        None, description="hu_window: Alice's HU window to [0, 1]; ct_clip / minmax: GEMINI's normalisations of the raw "
+        "volume; None: hu_window for swin_unetr, the checkpoint's gemini.normalisation for gemini_unet (ct_clip from "
+        "scratch)")
+    loss: Literal["dice_ce", "dice"] = Field("dice_ce", description="DiceCELoss, or DiceLoss alone (GVSL's downstream)")
 
     samples_per_volume: int = Field(2, ge=1, description="crops per volume and step (RandCropByPosNegLabeld num_samples)")
     foreground_probability: float = Field(0.5, ge=0.0, le=1.0, description="chance that a crop centres on a label voxel")
@@ -124,6 +173,14 @@ class FinetuneConfig(SegmentationRunConfig):
         max_steps=1000, batch_size=1, lr=1e-4, weight_decay=1e-5, warmup_steps=20, validate_every=100,
         checkpoint_every=250, keep_last=1
     )
+
+    @model_validator(mode="after")
+    def _network_settings(self) -> FinetuneConfig:
+        if self.network == "swin_unetr" and self.gemini_unet is not None:
+            raise ValueError("gemini_unet: set, but network is swin_unetr (its architecture is backbone)")
+        if self.network == "gemini_unet" and self.backbone is not None:
+            raise ValueError("backbone: a SwinUNETR architecture, but network is gemini_unet (its architecture is gemini_unet)")
+        return self
 
 
 class EvaluateConfig(VolumeRunConfig):
@@ -202,7 +259,29 @@ def training_crops(cfg: FinetuneConfig, items: Sequence[dict[str, str]]) -> Data
         image_key="image",
         image_threshold=0.0,
     )
-    return cfg.volumes(items, cfg.spacing, augment=[SpatialPadd(keys, cfg.crop_size), foreground_crops])
+    return segmentation_volumes(cfg, items, cfg.spacing, cfg.intensity,
+                                augment=[SpatialPadd(keys, cfg.crop_size), foreground_crops])
+
+
+def segmentation_volumes(
+    cfg: VolumeRunConfig,
+    items: Sequence[dict[str, str]],
+    spacing: Sequence[float] | None,
+    intensity: Intensity | None,
+    augment: Sequence[Callable] = (),
+) -> Dataset:
+    """``cfg.volumes`` of ``items`` with their intensities mapped by ``intensity``.
+
+    ``hu_window`` (or None) is the data layer's HU window to [0, 1] (Alice's); ``ct_clip`` and
+    ``minmax`` read the raw volume and normalise it as GEMINI does
+    (:func:`~accord_medssl.gemini.data.normalise_intensity`, per whole volume, before ``augment``).
+    """
+    if intensity in (None, "hu_window"):
+        return cfg.volumes(items, spacing, augment)
+    cache_dir = cfg.cache_dir if cfg.cache_dir is not None else cfg.run_dir / "cache"
+    normalise = Lambdad("image", partial(normalise_intensity, mode=intensity))
+    return build_dataset(items, cache=cfg.cache, cache_dir=cache_dir, spacing=spacing, hu_window=None,
+                         augment=[normalise, *augment], seed=cfg.seed)
 
 
 def inverse_sqrt_frequency_weights(counts: torch.Tensor) -> torch.Tensor:
@@ -262,19 +341,22 @@ def training_class_weights(cfg: FinetuneConfig, volumes: Dataset, labels: dict[i
 
 
 class SegmentationModel(nn.Module):
-    """Trainer contract around a segmentation network: ``{"loss": DiceCE}`` of a batch of crops.
+    """Trainer contract around a segmentation network: ``{"loss": DiceCE}`` (or Dice) of a batch of crops.
 
     Args:
         network: maps ``(B, C, d, h, w)`` images to ``(B, K, d, h, w)`` logits.
         class_weights: ``K`` weights of the classes in both loss terms (MONAI's ``DiceCELoss(weight=)``);
             None: unweighted.
+        loss: ``dice_ce`` (MONAI ``DiceCELoss``) or ``dice`` (``DiceLoss``, GVSL's downstream loss), on softmax.
     """
 
-    def __init__(self, network: nn.Module, class_weights: Sequence[float] | None = None) -> None:
+    def __init__(self, network: nn.Module, class_weights: Sequence[float] | None = None,
+                 loss: Literal["dice_ce", "dice"] = "dice_ce") -> None:
         super().__init__()
         self.network = network
         weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
-        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
+        loss_class = DiceCELoss if loss == "dice_ce" else DiceLoss
+        self.loss = loss_class(to_onehot_y=True, softmax=True, weight=weight)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``batch``: ``"image"`` ``(B, C, d, h, w)`` float, ``"label"`` ``(B, 1, d, h, w)`` class ids."""
@@ -341,14 +423,98 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class GeminiSegmentationNetwork(nn.Module):
+    """GVSL's downstream network on GEMINI's backbone (medssl §3.3): ``GeminiUNet`` features, then a
+    ``conv3`` to the classes: ``(B, in, X, Y, Z) -> (B, num_classes, X, Y, Z)`` logits (any size; the
+    U-Net pads to a multiple of 16 and crops back)."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, channels: Sequence[int] = (32, 64, 128, 256, 512)):
+        super().__init__()
+        self.unet = GeminiUNet(3, in_channels, tuple(channels))
+        self.head = nn.Conv3d(self.unet.out_channels, num_classes, kernel_size=3, padding=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.unet(images))
+
+
+def _gemini_kwargs(options: GeminiUNetOptions, num_classes: int) -> dict[str, Any]:
+    return {"num_classes": num_classes, "in_channels": options.in_channels, "channels": list(options.channels)}
+
+
 def segmentation_model(
     cfg: FinetuneConfig, num_classes: int, class_weights: Sequence[float] | None = None
 ) -> SegmentationModel:
-    """Model factory ``medssl.segmentation``: the SwinUNETR a ``finetune`` run trains (architecture
-    ``cfg.backbone``, which :func:`finetune` resolves before its checkpoints record the config) and
-    its loss's class weights (computed from the data once, then recorded with the run)."""
-    kwargs = (cfg.backbone or SwinUNETRBackboneOptions()).monai_kwargs(out_channels=num_classes)
-    return SegmentationModel(SwinUNETR(**kwargs), class_weights)
+    """Model factory ``medssl.segmentation``: the network a ``finetune`` run trains (architecture
+    ``cfg.backbone`` or ``cfg.gemini_unet``, which :func:`finetune` resolves before its checkpoints
+    record the config) and its loss with the class weights (computed from the data once, then
+    recorded with the run)."""
+    if cfg.network == "gemini_unet":
+        network = GeminiSegmentationNetwork(**_gemini_kwargs(cfg.gemini_unet or GeminiUNetOptions(), num_classes))
+    else:
+        network = SwinUNETR(**(cfg.backbone or SwinUNETRBackboneOptions()).monai_kwargs(out_channels=num_classes))
+    return SegmentationModel(network, class_weights, cfg.loss)
+
+
+def gemini_initial_network(
+    cfg: FinetuneConfig, num_classes: int
+) -> tuple[GeminiSegmentationNetwork, GeminiUNetOptions, Intensity, dict[str, Any]]:
+    """The ``gemini_unet`` network to fine-tune, its architecture, intensity mapping and initialisation.
+
+    With ``cfg.checkpoint`` (a ``gemini_pretrain`` or ``gemini_semisup`` run's) the backbone's
+    weights are the checkpoint's ``network.unet``, loaded strictly; the architecture and intensity
+    mapping are that run's (``gemini.network``, ``gemini.normalisation``) unless ``cfg.gemini_unet``
+    / ``cfg.intensity`` set them. The head is new (random), as in GVSL's downstream scripts.
+
+    Raises:
+        ValueError: a checkpoint of another task or a 2D one, or backbone weights that do not match the
+            architecture exactly (missing, unexpected or misshapen keys, named).
+    """
+    if cfg.checkpoint is None:
+        options = cfg.gemini_unet or GeminiUNetOptions()
+        network = GeminiSegmentationNetwork(**_gemini_kwargs(options, num_classes))
+        return network, options, cfg.intensity or "ct_clip", {"initialisation": {"checkpoint": None}}
+    state = load_checkpoint(cfg.checkpoint)
+    record = state.get("run") or {}
+    if (record.get("plugin"), record.get("task")) not in {("medssl", task) for task in GEMINI_TASKS}:
+        written = run_description(record) if record else "a run that does not record its config"
+        raise ValueError(f"{cfg.checkpoint}: written by {written}; network gemini_unet fine-tunes the backbone of a "
+                         f"medssl {' or '.join(GEMINI_TASKS)} checkpoint")
+    gemini = record["config"]["gemini"]
+    trained = GeminiNetworkOptions.model_validate(gemini["network"])
+    if trained.spatial_dims != 3:
+        raise ValueError(f"{cfg.checkpoint}: a {trained.spatial_dims}D GEMINI backbone; finetune segments volumes (3D)")
+    options = cfg.gemini_unet or GeminiUNetOptions(in_channels=trained.in_channels, channels=trained.channels)
+    prefix = "network.unet."
+    weights = {key[len(prefix):]: value for key, value in state["model"].items() if key.startswith(prefix)}
+    network = GeminiSegmentationNetwork(**_gemini_kwargs(options, num_classes))
+    expected = network.unet.state_dict()
+    problems = {
+        "missing keys": [key for key in expected if key not in weights],
+        "unexpected keys": [key for key in weights if key not in expected],
+        "shapes (checkpoint vs gemini_unet)": [
+            f"{key} {tuple(weights[key].shape)} vs {tuple(value.shape)}"
+            for key, value in expected.items() if key in weights and weights[key].shape != value.shape],
+    }
+    if any(problems.values()):
+        found = "; ".join(f"{name} {found[:5]}" + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+                          for name, found in problems.items() if found)
+        raise ValueError(f"{cfg.checkpoint}: its GEMINI backbone does not fit gemini_unet "
+                         f"{options.model_dump(mode='json')}: {found}")
+    network.unet.load_state_dict(weights, strict=True)
+    source = {"checkpoint": str(cfg.checkpoint.absolute()), "task": record["task"], "step": state["step"]}
+    return network, options, cfg.intensity or gemini["normalisation"], {"initialisation": source}
+
+
+def build_segmentation_network(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The network of a weights file that ``finetune`` wrote (SwinUNETR, or :class:`GeminiSegmentationNetwork`
+    for format :data:`GEMINI_SEGMENTATION_FORMAT`), weights loaded strictly; plus its metadata."""
+    state, info = load_monai_weights(path)
+    if info.get("format") == GEMINI_SEGMENTATION_FORMAT:
+        network = GeminiSegmentationNetwork(**info["gemini_kwargs"])
+    else:
+        network = SwinUNETR(**info["swin_unetr_kwargs"])
+    network.load_state_dict(state, strict=True)
+    return network, info
 
 
 def initial_network(cfg: SegmentationRunConfig, num_classes: int) -> tuple[SwinUNETR, SwinUNETRBackboneOptions, dict[str, Any]]:
@@ -379,7 +545,8 @@ def initial_network(cfg: SegmentationRunConfig, num_classes: int) -> tuple[SwinU
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune SwinUNETR on a labelled fraction; keep the weights with the best validation Dice.
+    """Fine-tune SwinUNETR (or ``gemini_unet``) on a labelled fraction; keep the weights with the best
+    validation Dice.
 
     Returns:
         The trainer's last metrics record plus ``weights`` (the best weights file), ``best_step``,
@@ -399,14 +566,30 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             f"label_fraction {cfg.label_fraction} of {len(splits['train'])} train cases leaves {len(train)}, fewer than "
             f"trainer.batch_size {cfg.trainer.batch_size} (volumes per step)"
         )
-    network, backbone, initialisation = initial_network(cfg, num_classes=len(labels))
-    kwargs = backbone.monai_kwargs(out_channels=len(labels))
+    if cfg.network == "gemini_unet":
+        network, gemini_unet, intensity, initialisation = gemini_initial_network(cfg, num_classes=len(labels))
+        # The checkpoints record the architecture and intensity mapping actually trained, so load_run
+        # needs no pretrained checkpoint.
+        cfg = cfg.model_copy(update={"gemini_unet": gemini_unet, "intensity": intensity})
+        weights_info = {"format": GEMINI_SEGMENTATION_FORMAT, "gemini_kwargs": _gemini_kwargs(gemini_unet, len(labels))}
+        write_weights = save_weights
+    else:
+        network, backbone, initialisation = initial_network(cfg, num_classes=len(labels))
+        cfg = cfg.model_copy(update={"backbone": backbone, "intensity": cfg.intensity or "hu_window"})
+        kwargs = backbone.monai_kwargs(out_channels=len(labels))
+        weights_info = {}
+
+        def write_weights(state: dict[str, torch.Tensor], info: dict[str, Any], path: Path) -> Path:
+            return save_monai_weights(state, kwargs, path, info)
+
     train_volumes = training_crops(cfg, train)
-    validation_volumes = cfg.volumes(splits["validation"], cfg.spacing)
-    class_weights = training_class_weights(cfg, cfg.volumes(train, cfg.spacing), labels)
+    validation_volumes = segmentation_volumes(cfg, splits["validation"], cfg.spacing, cfg.intensity)
+    class_weights = training_class_weights(cfg, segmentation_volumes(cfg, train, cfg.spacing, cfg.intensity), labels)
     class_names = [labels[index] for index in range(1, len(labels))]
     metadata = {
+        **weights_info,
         **initialisation,
+        "intensity": cfg.intensity,
         "class_weights": class_weights,
         "labels": {str(index): name for index, name in labels.items()},
         "crop_size": list(cfg.crop_size),
@@ -423,16 +606,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     def save(model: SegmentationModel, path: Path, record: dict[str, Any]) -> None:
         per_class = {name: finite_or_none(record["metrics"][f"dice/{name}"]) for name in class_names}
-        save_monai_weights(model.network.state_dict(), kwargs, path, {
+        write_weights(model.network.state_dict(), {
             **metadata, "step": record["step"], "validation_dice": record["score"],
-            "validation_dice_per_class": per_class})
+            "validation_dice_per_class": per_class}, path)
 
     best = BestCheckpoint("dice", cfg.run_dir / BEST_WEIGHTS, save=save)
-    # The checkpoints record the architecture actually trained, so load_run needs no pretrained checkpoint.
-    trainer = Trainer.for_run(cfg.model_copy(update={"backbone": backbone}), model_factory="medssl.segmentation",
+    trainer = Trainer.for_run(cfg, model_factory="medssl.segmentation",
                               model_options={"num_classes": len(labels), "class_weights": class_weights},
                               validate=validate, callbacks=[best])
-    result = trainer.fit(SegmentationModel(network, class_weights), train_volumes, collate_fn=_crop_batch)
+    result = trainer.fit(SegmentationModel(network, class_weights, cfg.loss), train_volumes, collate_fn=_crop_batch)
     if best.record is None:
         raise ValueError(f"{cfg.data}: no validation case holds any labelled class, so no weights could be selected")
     kept = json.loads(sidecar_path(best.path).read_text())
@@ -451,13 +633,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Per-class and mean Dice of fine-tuned weights; also written to ``<run_dir>/results.json``.
 
     The cases are the ``subset`` of the split recorded in the weights file, preprocessed at its
-    recorded spacing, and inferred with its training crop as the sliding window.
+    recorded spacing and intensity mapping, and inferred with its training crop as the sliding
+    window. SwinUNETR and ``gemini_unet`` weights alike (:func:`build_segmentation_network`).
 
     Raises:
         ValueError: an invalid dataset, or labels that differ from the ones the weights were trained on.
     """
     require_valid(cfg.data)
-    network, info = build_swin_unetr(cfg.checkpoint)
+    network, info = build_segmentation_network(cfg.checkpoint)
     items, labels = labelled_items(cfg.data)
     trained_labels = {int(index): name for index, name in info["labels"].items()}
     if trained_labels != labels:
@@ -465,7 +648,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     cases = items if cfg.subset == "all" else split_cases(items, SplitOptions(**info["split"]))[cfg.subset]
     spacing = tuple(info["spacing"]) if info["spacing"] is not None else None
     per_class = segmentation_dice(
-        network.to(_device()), cfg.volumes(cases, spacing), len(labels), info["crop_size"], cfg.sliding_window
+        network.to(_device()), segmentation_volumes(cfg, cases, spacing, info.get("intensity")), len(labels),
+        info["crop_size"], cfg.sliding_window
     )
     class_names = [labels[index] for index in range(1, len(labels))]
     result = {

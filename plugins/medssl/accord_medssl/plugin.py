@@ -16,30 +16,38 @@ from accord.registry import Problem
 def synth_msd(out_dir: str | Path, kind: str = "msd", **options) -> Path:
     """``accord data synth medssl OUT``: MSD-layout abdomen CT phantoms (see :func:`accord_medssl.data.synth`);
     ``kind="pairs"``: GEMINI's registration phantoms, deformed copies of one template with their flows
-    (:func:`accord_medssl.data.pairs.synth_pairs`); ``kind="cxr"``: chest X-ray phantoms with masks
-    (:func:`accord_medssl.data.cxr.synth_cxr`)."""
+    (:func:`accord_medssl.data.pairs.synth_pairs`); ``kind="mni152"``: the same from nilearn's MNI152 T1
+    template with grey / white-matter labels (:func:`accord_medssl.data.pairs.synth_mni152`);
+    ``kind="cxr"``: chest X-ray phantoms with masks (:func:`accord_medssl.data.cxr.synth_cxr`)."""
     if kind == "pairs":
         from accord_medssl.data.pairs import synth_pairs
 
         return synth_pairs(out_dir, **options)
+    if kind == "mni152":
+        from accord_medssl.data.pairs import synth_mni152
+
+        return synth_mni152(out_dir, **options)
     if kind == "cxr":
         from accord_medssl.data.cxr import synth_cxr
 
         return synth_cxr(out_dir, **options)
     if kind != "msd":
-        raise ValueError(f"kind: expected 'msd', 'pairs' or 'cxr', got {kind!r}")
+        raise ValueError(f"kind: expected 'msd', 'pairs', 'mni152' or 'cxr', got {kind!r}")
     from accord_medssl.data import synth
 
     return synth(out_dir, **options)
 
 
-def check_msd(root: str | Path) -> list[Problem]:
+def check_msd(root: str | Path, **table) -> list[Problem]:
     """``accord data check medssl DIR``: an MSD dataset or a plain NIfTI folder (:func:`accord_medssl.data.check`),
-    or a chest X-ray folder with ``images/`` (:func:`accord_medssl.data.cxr.check_cxr`)."""
+    or a chest X-ray folder with ``images/`` or CSV file (:func:`accord_medssl.data.cxr.check_cxr`, whose
+    ``path_column``, ``group_columns`` and ``image_folder`` options ``table`` passes on)."""
     from accord_medssl.data.cxr import check_cxr, is_cxr_root
 
     if is_cxr_root(root):
-        return check_cxr(root)
+        return check_cxr(root, **table)
+    if table:
+        raise TypeError(f"options {sorted(table)} apply to a chest X-ray CSV file, not to {root}")
     from accord_medssl.data import check
 
     return check(root)
@@ -60,7 +68,8 @@ def register_datasets(register: Callable[..., None]) -> None:
         synth=synth_msd,
         check=check_msd,
         description="Medical Segmentation Decathlon layout (dataset.json, imagesTr/labelsTr/imagesTs) "
-        "or a plain folder of NIfTI CTs; or a chest X-ray folder (images/<group>/, masks/<structure>/, GEMINI 2D)",
+        "or a plain folder of NIfTI CTs; or a chest X-ray folder (images/<group>/, masks/<structure>/, GEMINI 2D) "
+        "or CSV file (path_column=, group_columns=, image_folder=)",
     )
 
 
@@ -72,7 +81,8 @@ def register_tasks(register: Callable[..., None]) -> None:
     register("pretrain", tasks.pretrain, config=tasks.PretrainConfig,
              description="anatomy-embedding (SAM replacement) or Alice pretraining of a SwinUNETR")
     register("finetune", tasks.finetune, config=tasks.FinetuneConfig,
-             description="SwinUNETR segmentation from an Alice checkpoint or scratch, best validation Dice kept")
+             description="SwinUNETR segmentation from an Alice checkpoint or scratch (network: gemini_unet: GEMINI's "
+                         "U-Net from a gemini_pretrain checkpoint or scratch), best validation Dice kept")
     register("evaluate", tasks.evaluate, config=tasks.EvaluateConfig,
              description="per-class and mean Dice of fine-tuned weights, sliding-window inference")
     register("gemini_pretrain", gemini_tasks.gemini_pretrain, config=gemini_tasks.GeminiPretrainConfig,
@@ -91,6 +101,9 @@ def register_benchmarks(register: Callable[..., None]) -> None:
     register("segmentation", benchmarks.segmentation, config=benchmarks.MedsslBenchmarkConfig, default=True,
              description="Alice vs random init: SwinUNETR fine-tuning and frozen-feature probe test Dice over label "
                          "fractions and seeds")
+    register("gemini_segmentation", benchmarks.segmentation, config=benchmarks.GeminiSegmentationConfig,
+             description="GEMINI-Semi vs supervised only (few labelled cases) and GEMINI-MIP vs random init "
+                         "fine-tuning: test Dice per structure over seeds (= segmentation --method gemini)")
     register("pretraining_speed", benchmarks.run_pretraining_speed, config=benchmarks.PretrainingSpeedConfig,
              kind="speed", description="pretraining steps per second and peak memory (alice or anatomy_embedding)")
     register("loader_throughput", benchmarks.run_loader_throughput, config=benchmarks.LoaderThroughputConfig,
@@ -116,7 +129,8 @@ def register_models(register: Callable[..., None]) -> None:
     register("alice", pretraining_model, description="Alice student-teacher on SwinUNETR (pretrain, method alice)")
     register("anatomy_embedding", pretraining_model,
              description="SAM-style global + local voxel embeddings (pretrain, method anatomy_embedding)")
-    register("segmentation", segmentation_model, description="SwinUNETR + DiceCE (finetune runs)")
+    register("segmentation", segmentation_model,
+             description="SwinUNETR or GEMINI U-Net + conv3 head, DiceCE or Dice (finetune runs)")
     register("gemini", gemini_model,
              description="GEMINI-MIP: U-Net + deformer, correspondence and restoration steps (gemini_pretrain runs)")
     register("gemini_semisup", gemini_semisup_model,

@@ -105,12 +105,14 @@ def test_semisup_2d_with_sigmoid_masks(tmp_path):
 
 def test_cli_synth_kinds_then_check(tmp_path, only_medssl):
     runner = CliRunner()
-    for kind, options in (("cxr", ["num_images=4", "size=32"]), ("pairs", ["num_cases=2", "shape=[16,16,12]"])):
+    for kind, options in (("cxr", ["num_images=4", "size=32"]), ("pairs", ["num_cases=2", "shape=[16,16,12]"]),
+                          ("mni152", ["num_cases=2", "shape=[12,14,12]"])):
         out = tmp_path / kind
         result = runner.invoke(app, ["data", "synth", "medssl", str(out), f"kind={kind}", *options])
         assert result.exit_code == 0, result.output
         check = runner.invoke(app, ["data", "check", "medssl", str(out)])
         assert check.exit_code == 0, check.output
     assert len(list((tmp_path / "pairs" / "flows").glob("*.nii.gz"))) == 2
+    assert len(list((tmp_path / "mni152" / "flows").glob("*.nii.gz"))) == 2
     bad = runner.invoke(app, ["data", "synth", "medssl", str(tmp_path / "x"), "kind=movie"])
-    assert bad.exit_code != 0 and "kind: expected 'msd', 'pairs' or 'cxr'" in bad.output
+    assert bad.exit_code != 0 and "kind: expected 'msd', 'pairs', 'mni152' or 'cxr'" in bad.output

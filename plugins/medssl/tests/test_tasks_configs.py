@@ -27,9 +27,11 @@ def test_shipped_configs_validate_and_chain(only_medssl, tmp_path: Path, monkeyp
                 (tmp_path / raw[key]).parent.mkdir(parents=True, exist_ok=True)
                 (tmp_path / raw[key]).touch()
         configs[path.stem] = load_config(path)
-    assert sorted(configs) == ["alice_pretrain", "anatomy_embedding", "evaluate", "finetune", "gemini_pretrain",
-                               "gemini_pretrain_2d", "gemini_register", "gemini_semisup"]
+    assert sorted(configs) == ["alice_pretrain", "anatomy_embedding", "evaluate", "finetune", "finetune_gemini",
+                               "gemini_pretrain", "gemini_pretrain_2d", "gemini_register", "gemini_semisup"]
     assert configs["gemini_register"].checkpoint.parent.parent == configs["gemini_pretrain"].run_dir
+    assert configs["finetune_gemini"].checkpoint.parent.parent == configs["gemini_pretrain"].run_dir
+    assert configs["finetune_gemini"].network == "gemini_unet"
     anatomy, alice = configs["anatomy_embedding"], configs["alice_pretrain"]
     assert (anatomy.method, alice.method) == ("anatomy_embedding", "alice")
     assert alice.trainer.ema_momentum == 0.996 and alice.trainer.ema_momentum_end == 1.0

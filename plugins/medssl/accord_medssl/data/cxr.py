@@ -7,8 +7,16 @@ Layout (GEMINI's chest trainers, JSRT/SCR-style masks)::
     ROOT/masks/<structure>/<case>.png               # optional binary masks (0 / 255), one folder per
                                                     # structure (heart, left_lung, ...), same size as the image
 
-A pair of GEMINI images is drawn from one group (GEMINI pairs AP/PA x sex), so every group needs
-at least two images. :func:`read_cxr` reads any of these files as a float image in [0, 1]:
+Or a CSV file listing the images, one row each (NIH ChestX-ray14's ``Data_Entry_2017.csv`` is one)::
+
+    ROOT/<table>.csv        # a header row; a path column and optional group columns (CxrTableOptions)
+    ROOT/<image_folder>/... # the listed files: paths relative to ROOT/<image_folder> (default ROOT), or absolute
+    ROOT/masks/<structure>/<case>.png
+
+where a row's group is its group columns' values joined with ``_`` (``View Position`` and ``Patient
+Gender`` give ``AP_F``, ``PA_M``, ...: the reference's sub-folder names). A pair of GEMINI images is
+drawn from one group (GEMINI pairs AP/PA x sex), so every group needs at least two images.
+:func:`read_cxr` reads any of these files as a float image in [0, 1]:
 PNG / JPEG must be grey (8 or 16 bit); DICOM pixel data go through the modality LUT (rescale
 slope / intercept), the VOI LUT or window centre / width of the tags, and MONOCHROME1 is inverted
 so that bone is bright as in MONOCHROME2. :func:`check_cxr` reports every defect as one Problem.
@@ -16,17 +24,22 @@ so that bone is bright as in MONOCHROME2. :func:`check_cxr` reports every defect
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pydicom
 import torch
+from pydantic import Field
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from accord.config import StrictModel
 from accord.registry import Problem
 
-__all__ = ["CXR_SUFFIXES", "check_cxr", "cxr_items", "is_cxr_root", "read_cxr", "read_mask", "synth_cxr"]
+__all__ = ["CXR_SUFFIXES", "CxrTableOptions", "check_cxr", "cxr_items", "is_cxr_root", "read_cxr", "read_mask",
+           "synth_cxr"]
 
 CXR_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 IMAGES, MASKS = "images", "masks"
@@ -34,18 +47,32 @@ IMAGES, MASKS = "images", "masks"
 STRUCTURES = ("left_lung", "right_lung", "heart", "left_clavicle", "right_clavicle")
 
 
+class CxrTableOptions(StrictModel):
+    """How a CSV ``data`` lists chest X-rays (ignored for a folder, where sub-folders are the groups)."""
+
+    path_column: str = Field("image", description="column holding each image's path (NIH ChestX-ray14: 'Image Index')")
+    group_columns: list[str] = Field(
+        [], description="columns whose joined values form a row's group, a pair coming from one group (GEMINI: "
+        "['View Position', 'Patient Gender'], AP/PA x sex); empty: one group")
+    image_folder: str = Field("", description="folder the CSV's relative paths start from, relative to the CSV's "
+                                              "folder (NIH ChestX-ray14: 'images'); empty: the CSV's folder")
+
+
 def is_cxr_root(root: str | Path) -> bool:
-    """Whether ``root`` holds the chest X-ray layout (an ``images/`` folder)."""
-    return (Path(root) / IMAGES).is_dir()
-
-
-def cxr_items(root: str | Path) -> list[dict[str, str]]:
-    """``[{"image", "group", "case", "masks": {structure: path}}]`` of every image, sorted.
-
-    Raises:
-        FileNotFoundError: no image under ``ROOT/images``.
-    """
+    """Whether ``root`` holds the chest X-ray layout: an ``images/`` folder, or a ``.csv`` file."""
     root = Path(root)
+    return (root / IMAGES).is_dir() or (root.is_file() and root.suffix.lower() == ".csv")
+
+
+def _masks_of(folder: Path, stem: str) -> dict[str, str]:
+    """``{structure: path}`` of ``folder/masks/<structure>/<stem>.png`` that exist."""
+    if not (folder / MASKS).is_dir():
+        return {}
+    return {structure.name: str(structure / f"{stem}.png") for structure in sorted((folder / MASKS).glob("*"))
+            if (structure / f"{stem}.png").is_file()}
+
+
+def _folder_items(root: Path) -> list[dict[str, str]]:
     files = sorted(p for p in (root / IMAGES).rglob("*") if p.suffix.lower() in CXR_SUFFIXES and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not files:
@@ -54,10 +81,81 @@ def cxr_items(root: str | Path) -> list[dict[str, str]]:
     for path in files:
         relative = path.relative_to(root / IMAGES)
         group = relative.parts[0] if len(relative.parts) > 1 else "all"
-        masks = {folder.name: str(folder / f"{path.stem}.png") for folder in sorted((root / MASKS).glob("*"))
-                 if (folder / f"{path.stem}.png").is_file()} if (root / MASKS).is_dir() else {}
-        items.append({"image": str(path), "group": group, "case": path.stem, "masks": masks})
+        items.append({"image": str(path), "group": group, "case": path.stem, "masks": _masks_of(root, path.stem)})
     return items
+
+
+def _table_items(table: Path, options: CxrTableOptions) -> tuple[list[dict], list[Problem]]:
+    """The images a CSV lists (in row order) and one Problem per defect of the table itself: unreadable,
+    missing columns, rows with an empty or non-image path, a missing file, an empty group cell or a
+    repeated image (a row named ``<csv>:<line>``)."""
+    try:
+        with table.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames
+            rows = [(reader.line_num, row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        return [], [Problem(str(table), f"not a readable CSV ({type(exc).__name__}: {exc})")]
+    needed = [options.path_column, *options.group_columns]
+    if not columns:
+        return [], [Problem(str(table), f"empty; expected a header row naming the columns {needed}")]
+    absent = [name for name in needed if name not in columns]
+    if absent:
+        return [], [Problem(str(table), f"no column {name!r} (columns: {[c for c in columns if c]}); set "
+                                        f"cxr.path_column / cxr.group_columns") for name in absent]
+    if not rows:
+        return [], [Problem(str(table), "lists no image (a header row only)")]
+    base = table.parent / options.image_folder
+    items, problems, seen = [], [], {}
+    for line, row in rows:
+        where = f"{table}:{line}"
+        value = (row.get(options.path_column) or "").strip()
+        empty = [name for name in options.group_columns if not (row.get(name) or "").strip()]
+        for name in empty:
+            problems.append(Problem(where, f"empty {name!r} cell; every image needs its group"))
+        if not value:
+            problems.append(Problem(where, f"empty {options.path_column!r} cell; expected an image path"))
+            continue
+        path = base / value
+        if path.suffix.lower() not in CXR_SUFFIXES:
+            problems.append(Problem(where, f"{value!r} is not an image path ({'/'.join(CXR_SUFFIXES)} expected)"))
+        elif not path.is_file():
+            problems.append(Problem(where, f"{value!r} not found (looked for {path})"))
+        elif str(path) in seen:
+            problems.append(Problem(where, f"{value!r} is listed again (first on line {seen[str(path)]}); GEMINI pairs "
+                                           "two different images"))
+        elif not empty:
+            seen[str(path)] = line
+            group = "_".join(row[name].strip() for name in options.group_columns) or "all"
+            items.append({"image": str(path), "group": group, "case": path.stem,
+                          "masks": _masks_of(table.parent, path.stem)})
+    return items, problems
+
+
+def _require_folder_defaults(root: Path, options: CxrTableOptions | None) -> None:
+    if options is not None and options != CxrTableOptions():
+        raise ValueError(f"{root}: cxr table options ({options.model_dump(exclude_defaults=True)}) apply to a CSV data "
+                         "file; a folder's groups are its sub-folders of images/")
+
+
+def cxr_items(root: str | Path, options: CxrTableOptions | None = None) -> list[dict[str, str]]:
+    """``[{"image", "group", "case", "masks": {structure: path}}]`` of every image: sorted (a folder) or
+    in row order (a CSV file read with ``options``).
+
+    Raises:
+        FileNotFoundError: no image under ``ROOT/images``.
+        ValueError: a CSV with any problem :func:`check_cxr` reports about the table (the first few
+            named), or table ``options`` given for a folder.
+    """
+    root = Path(root)
+    if root.is_file():
+        items, problems = _table_items(root, options or CxrTableOptions())
+        if problems:
+            raise ValueError(f"{root}: {len(problems)} problem(s) in the table, e.g. "
+                             + "; ".join(map(str, problems[:3])))
+        return items
+    _require_folder_defaults(root, options)
+    return _folder_items(root)
 
 
 def _read_dicom(path: Path) -> np.ndarray:
@@ -117,19 +215,36 @@ def read_mask(path: str | Path, size: int | tuple[int, int] | None = 512) -> tor
     return torch.from_numpy((mask > 0).astype(np.float32))[None]
 
 
-def check_cxr(root: str | Path) -> list[Problem]:
-    """One Problem per defect of a chest X-ray folder: unreadable or non-image files, colour images,
+def check_cxr(root: str | Path, path_column: str = "image", group_columns: Sequence[str] | str = (),
+              image_folder: str = "") -> list[Problem]:
+    """One Problem per defect of a chest X-ray folder or CSV: unreadable or non-image files, colour images,
     DICOMs without pixel data, masks that are not binary or whose size differs from their image,
-    groups with fewer than two images."""
+    groups with fewer than two images; for a CSV (read with the :class:`CxrTableOptions` fields given
+    here, as ``accord data check medssl TABLE.csv path_column=... group_columns=[...]``) also an
+    unreadable table, missing columns, and rows with an empty or non-image path, a missing file, an
+    empty group cell or a repeated image.
+
+    Raises:
+        TypeError: table options for a folder.
+    """
     root = Path(root)
-    try:
-        items = cxr_items(root)
-    except FileNotFoundError as exc:
-        return [Problem(str(root / IMAGES), str(exc).split(": ", 1)[-1])]
-    problems = []
-    for stray in sorted((root / IMAGES).rglob("*")):
-        if stray.is_file() and stray.suffix.lower() not in CXR_SUFFIXES and not stray.name.startswith("."):
-            problems.append(Problem(str(stray), f"not an image ({'/'.join(CXR_SUFFIXES)} expected)"))
+    columns = [group_columns] if isinstance(group_columns, str) else list(group_columns)
+    options = CxrTableOptions(path_column=str(path_column), group_columns=[str(c) for c in columns],
+                              image_folder=str(image_folder or ""))
+    problems: list[Problem] = []
+    if root.is_file():
+        items, problems = _table_items(root, options)
+    else:
+        if options != CxrTableOptions():  # TypeError: the CLI's answer to an option a check does not take
+            raise TypeError(f"options {sorted(options.model_dump(exclude_defaults=True))} apply to a chest X-ray "
+                            f"CSV file, not to {root}")
+        try:
+            items = _folder_items(root)
+        except FileNotFoundError as exc:
+            return [Problem(str(root / IMAGES), str(exc).split(": ", 1)[-1])]
+        for stray in sorted((root / IMAGES).rglob("*")):
+            if stray.is_file() and stray.suffix.lower() not in CXR_SUFFIXES and not stray.name.startswith("."):
+                problems.append(Problem(str(stray), f"not an image ({'/'.join(CXR_SUFFIXES)} expected)"))
     groups: dict[str, int] = {}
     for item in items:
         groups[item["group"]] = groups.get(item["group"], 0) + 1
@@ -151,8 +266,10 @@ def check_cxr(root: str | Path) -> list[Problem]:
                                                    f"{Path(item['image']).name} {tuple(image.shape[1:])}"))
     for group, count in groups.items():
         if count < 2:
-            problems.append(Problem(str(root / IMAGES / group), f"group {group!r} has {count} image; GEMINI pairs two "
-                                                                "different images of one group"))
+            where = str(root) if root.is_file() else str(root / IMAGES / group)
+            by = f" ({' x '.join(options.group_columns)})" if root.is_file() and options.group_columns else ""
+            problems.append(Problem(where, f"group {group!r}{by} has {count} image; GEMINI pairs two different images "
+                                           "of one group"))
     return problems
 
 
@@ -180,31 +297,63 @@ def _phantom(size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str,
     return np.clip(image, 0, 1), masks
 
 
+#: NIH ChestX-ray14's ``Data_Entry_2017.csv`` header, trailing comma included (12 names, 11 values a row).
+NIH_COLUMNS = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+               "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]", "")
+NIH_TABLE = "Data_Entry_2017.csv"
+
+
 def synth_cxr(out_dir: str | Path, num_images: int = 8, size: int = 128, groups: tuple[str, ...] = ("AP_F", "PA_M"),
-              seed: int = 0, dicom_every: int = 4) -> Path:
-    """Write chest X-ray phantoms in the layout of the module docstring: one template deformed per
-    case (random smooth displacement), 8-bit PNGs (every ``dicom_every``-th case a MONOCHROME1 DICOM
-    with a window in its tags, 0: none), binary PNG masks per structure; cases cycle over ``groups``."""
+              seed: int = 0, dicom_every: int = 4, max_displacement: float = 0.1,
+              layout: str = "folders") -> Path:
+    """Write chest X-ray phantoms: one template deformed per case (random smooth displacement of at
+    most ``max_displacement`` x ``size``), 8-bit PNGs (every ``dicom_every``-th case a MONOCHROME1
+    DICOM with a window in its tags, 0: none), binary PNG masks per structure; cases cycle over ``groups``.
+
+    ``layout="folders"``: ``images/<group>/<case>``, the module docstring's folder layout.
+    ``layout="nih"``: NIH ChestX-ray14's, all images in ``images/`` and their groups in
+    ``Data_Entry_2017.csv`` (each group name ``<view>_<sex>`` gives its ``View Position`` and
+    ``Patient Gender``); read it with ``CxrTableOptions(path_column="Image Index", image_folder="images",
+    group_columns=["View Position", "Patient Gender"])``.
+
+    Raises:
+        ValueError: an unknown layout, or (``nih``) a group name that is not ``<view>_<sex>``.
+    """
     from accord_medssl.data.pairs import random_smooth_flow
     from accord_medssl.gemini.warp import warp
 
+    if layout not in ("folders", "nih"):
+        raise ValueError(f"layout: expected 'folders' or 'nih', got {layout!r}")
+    if layout == "nih" and any(len(group.split("_")) != 2 for group in groups):
+        raise ValueError(f"groups: the nih layout needs <view>_<sex> names such as AP_F, got {list(groups)}")
     root = Path(out_dir)
     template, masks = _phantom(size, np.random.default_rng([seed, 10**6]))
     stack = torch.from_numpy(np.stack([template, *[masks[name] for name in STRUCTURES]]).astype(np.float32))[None]
+    rows = []
     for index in range(num_images):
-        flow = random_smooth_flow((size, size), torch.Generator().manual_seed(seed * 100_003 + index))[None]
+        flow = random_smooth_flow((size, size), torch.Generator().manual_seed(seed * 100_003 + index),
+                                  max_displacement)[None]
         image = warp(stack[:, :1], flow)[0, 0].numpy()
         warped_masks = warp(stack[:, 1:], flow, "nearest")[0].numpy()
         group, case = groups[index % len(groups)], f"cxr_{index:03d}"
-        (root / IMAGES / group).mkdir(parents=True, exist_ok=True)
+        folder = root / IMAGES / (group if layout == "folders" else "")
+        folder.mkdir(parents=True, exist_ok=True)
         pixels = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
-        if dicom_every and index % dicom_every == dicom_every - 1:
-            _write_dicom(root / IMAGES / group / f"{case}.dcm", pixels)
+        name = f"{case}.dcm" if dicom_every and index % dicom_every == dicom_every - 1 else f"{case}.png"
+        if name.endswith(".dcm"):
+            _write_dicom(folder / name, pixels)
         else:
-            cv2.imwrite(str(root / IMAGES / group / f"{case}.png"), pixels)
-        for name, mask in zip(STRUCTURES, warped_masks):
-            (root / MASKS / name).mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(root / MASKS / name / f"{case}.png"), (mask > 0.5).astype(np.uint8) * 255)
+            cv2.imwrite(str(folder / name), pixels)
+        view, sex = group.split("_") if layout == "nih" else ("", "")
+        rows.append([name, "No Finding", "0", str(index + 1), "50", sex, view, str(size), str(size), "0.143", "0.143"])
+        for structure, mask in zip(STRUCTURES, warped_masks):
+            (root / MASKS / structure).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / MASKS / structure / f"{case}.png"), (mask > 0.5).astype(np.uint8) * 255)
+    if layout == "nih":
+        with (root / NIH_TABLE).open("w", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(NIH_COLUMNS)
+            writer.writerows(rows)
     return root
 
 

@@ -14,15 +14,17 @@ from MONAI ``TwoConv`` / ``Down`` blocks) with its constructor arguments:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save
 
 from accord.utils.files import write_atomically
 from accord_medssl.gemini.networks import GeminiUNet
 
-__all__ = ["UNET_FORMAT", "export_gemini_unet", "load_gemini_unet"]
+__all__ = ["UNET_FORMAT", "export_gemini_unet", "load_gemini_unet", "save_weights"]
 
 UNET_FORMAT = "accord_medssl.gemini.networks.GeminiUNet"
 
@@ -48,7 +50,15 @@ def export_gemini_unet(checkpoint: str | Path, out: str | Path) -> Path:
         "source_checkpoint": str(Path(checkpoint).absolute()),
         "step": run.step,
     }
-    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in network.unet.state_dict().items()}
+    return save_weights(network.unet.state_dict(), info, out)
+
+
+def save_weights(state_dict: Mapping[str, torch.Tensor], info: Mapping[str, Any], out: str | Path) -> Path:
+    """Atomically write ``state_dict`` as ``out`` (safetensors, ``info`` as its metadata) and ``info`` as the
+    ``out.json`` sidecar; ``info`` must be JSON-serialisable. Returns ``out``."""
+    info = json.loads(json.dumps(dict(info)))  # tuples -> lists, as the sidecar reads back
+    # Own, contiguous CPU copies: safetensors refuses tensors that share memory.
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state_dict.items()}
     out = Path(out)
     payload = save(tensors, metadata={key: json.dumps(value) for key, value in info.items()})
     write_atomically(out, lambda handle: handle.write(payload))

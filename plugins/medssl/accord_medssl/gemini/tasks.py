@@ -30,7 +30,7 @@ from accord.config import ExistingPath, RunConfig, TrainerConfig
 from accord.training import Trainer
 from accord.utils.files import write_atomically
 from accord_medssl.data import build_dataset, require_valid
-from accord_medssl.data.cxr import check_cxr, cxr_items, read_cxr, read_mask
+from accord_medssl.data.cxr import CxrTableOptions, check_cxr, cxr_items, read_cxr, read_mask
 from accord_medssl.finetune import SplitOptions
 from accord_medssl.gemini.data import GeminiPairs, fixed_size, normalise_intensity
 from accord_medssl.gemini.model import GeminiModel, GeminiOptions
@@ -77,6 +77,7 @@ class GeminiPretrainConfig(VolumeRunConfig):
         (96, 96, 96), description="3D: every volume centre-cropped / zero-padded to this size; 2D: every X-ray resized "
         "to (H, W)")
     gemini: GeminiOptions = GeminiOptions()
+    cxr: CxrTableOptions = Field(CxrTableOptions(), description="2D with data a CSV file: its path and group columns")
     trainer: TrainerConfig = Field(
         TrainerConfig(**GEMINI_TRAINER_DEFAULTS),
         description="the reference's Adam lr 1e-4, constant, batch 1; with gemini.loss.optimizer_steps 'two' "
@@ -112,16 +113,16 @@ def volume_pairs(cfg: GeminiPretrainConfig) -> GeminiPairs:
     return GeminiPairs(load, len(items), spatial_dims=3, augment=cfg.gemini.augment, corruption=cfg.gemini.corruption)
 
 
-def _require_valid_cxr(root: Path) -> None:
+def _require_valid_cxr(root: Path, table: CxrTableOptions) -> None:
     """Raise ``ValueError`` listing every problem :func:`~accord_medssl.data.cxr.check_cxr` finds."""
-    problems = check_cxr(root)
+    problems = check_cxr(root, **table.model_dump())
     if problems:
         raise ValueError(f"dataset {root} failed {len(problems)} check(s):\n" + "\n".join(map(str, problems)))
 
 
 def cxr_pairs(cfg: GeminiPretrainConfig) -> GeminiPairs:
     """GEMINI-MIP samples over a chest X-ray folder: two different images of one group, read in [0, 1]."""
-    items = cxr_items(cfg.data)
+    items = cxr_items(cfg.data, cfg.cxr)
     return GeminiPairs(lambda index: read_cxr(items[index]["image"], tuple(cfg.size)), len(items),
                        groups=[item["group"] for item in items], spatial_dims=2, augment=cfg.gemini.augment,
                        corruption=cfg.gemini.corruption)
@@ -134,7 +135,7 @@ def gemini_pretrain(cfg: GeminiPretrainConfig) -> dict[str, Any]:
         ValueError: an invalid dataset (every problem the check finds) or fewer than two images (per group).
     """
     if cfg.gemini.network.spatial_dims == 2:
-        _require_valid_cxr(cfg.data)
+        _require_valid_cxr(cfg.data, cfg.cxr)
         dataset = cxr_pairs(cfg)
     else:
         require_valid(cfg.data)
@@ -260,6 +261,7 @@ class GeminiSemisupConfig(VolumeRunConfig):
     labelled_cases: int = Field(2, ge=1, description="train cases whose labels are used (few-shot)")
     split: SplitOptions = SplitOptions()
     gemini: GeminiOptions = GeminiOptions(corruption=None)
+    cxr: CxrTableOptions = Field(CxrTableOptions(), description="2D with data a CSV file: its path and group columns")
     trainer: TrainerConfig = Field(TrainerConfig(**GEMINI_TRAINER_DEFAULTS),
                                    description="as gemini_pretrain: the reference's Adam, two steps per iteration")
 
@@ -343,8 +345,8 @@ def _semisup_volumes(cfg: GeminiSemisupConfig) -> tuple[GeminiPairs, list[str], 
 
 def _semisup_cxr(cfg: GeminiSemisupConfig) -> tuple[GeminiPairs, list[str], Any]:
     """2D: chest X-rays, one binary mask per structure; only images with every structure's mask are labelled."""
-    _require_valid_cxr(cfg.data)
-    items = cxr_items(cfg.data)
+    _require_valid_cxr(cfg.data, cfg.cxr)
+    items = cxr_items(cfg.data, cfg.cxr)
     names = sorted({name for item in items for name in item["masks"]})
     annotated = [item for item in items if names and sorted(item["masks"]) == names]
     if not annotated:
