@@ -118,3 +118,38 @@ def test_quick_benchmarks_run_two_default_seeds_but_every_given_one() -> None:
     assert BenchmarkConfig(plugin="core").run_seeds() == [0, 1, 2]
     assert BenchmarkConfig(plugin="core", quick=True).run_seeds() == [0, 1]
     assert BenchmarkConfig(plugin="core", quick=True, seeds=[4, 5, 6]).run_seeds() == [4, 5, 6]
+
+
+def test_a_method_registered_as_its_own_task_runs_that_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``register("pretrain", ..., methods={"b": "b_pretrain"})``: ``method: b`` loads ``b_pretrain``'s config."""
+    from typing import Literal
+
+    import accord.plugins
+    from accord import hookimpl
+    from accord.config import RunConfig
+    from accord.plugins import PluginHost
+
+    class PretrainA(RunConfig):
+        method: Literal["a"] = "a"
+
+    class PretrainB(RunConfig):
+        width: int = 1
+
+    class Methods:
+        @hookimpl
+        def register_tasks(self, register):
+            register("pretrain", lambda cfg: {}, config=PretrainA, methods={"b": "b_pretrain", "c": "missing"})
+            register("b_pretrain", lambda cfg: {}, config=PretrainB)
+
+    host = PluginHost(load_entrypoints=False)
+    host.pm.register(Methods(), name="methods")
+    monkeypatch.setattr(accord.plugins, "_HOST", host)
+    path = tmp_path / "run.yaml"
+    path.write_text("plugin: methods\ntask: pretrain\nmethod: b\nwidth: 3\n")
+    cfg = load_config(path)
+    assert isinstance(cfg, PretrainB) and (cfg.task, cfg.width) == ("b_pretrain", 3)
+    path.write_text("plugin: methods\ntask: pretrain\nmethod: a\n")
+    assert isinstance(load_config(path), PretrainA)
+    path.write_text("plugin: methods\ntask: pretrain\nmethod: c\n")
+    with pytest.raises(ConfigError, match="missing"):
+        load_config(path)

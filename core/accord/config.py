@@ -372,6 +372,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     try:
         host.require_plugin(str(data["plugin"]))
         task = host.tasks.get(f"{data['plugin']}.{data['task']}")
+        # A method that a plugin runs as a task of its own (``task: pretrain, method: gemini`` ->
+        # ``gemini_pretrain``): the config is that task's, and the resolved one names it.
+        method_task = task.extra.get("methods", {}).get(data.get("method"))
+        if method_task is not None:
+            data = {key: value for key, value in data.items() if key != "method"} | {"task": method_task}
+            task = host.tasks.get(f"{data['plugin']}.{method_task}")
     except (PluginNotInstalledError, ComponentNotFoundError) as exc:
         raise ConfigError([f"{path}: {exc}"]) from None
     return validate_config(task.extra["config"], data, str(path))

@@ -69,12 +69,15 @@ def register_tasks(register: Callable[..., None]) -> None:
     """Register runnable tasks (``pretrain``, ``finetune``, ``evaluate``, ...).
 
     Args:
-        register: ``register(name, run, *, config, description="")``. ``run(config)`` receives a
-            validated instance of ``config`` (a :class:`accord.config.RunConfig` subclass) and
-            returns a JSON-serialisable dict of results. ``accord run CONFIG`` dispatches on the
-            config's ``plugin`` and ``task`` keys (through :func:`accord.runs.run_task`, as
-            benchmarks run their sub-tasks). Benchmarks are not tasks: see
-            :func:`register_benchmarks`.
+        register: ``register(name, run, *, config, description="", methods=None)``. ``run(config)``
+            receives a validated instance of ``config`` (a :class:`accord.config.RunConfig`
+            subclass) and returns a JSON-serialisable dict of results. ``accord run CONFIG``
+            dispatches on the config's ``plugin`` and ``task`` keys (through
+            :func:`accord.runs.run_task`, as benchmarks run their sub-tasks). ``methods`` maps
+            values of the config's ``method`` key to other tasks of the plugin that run them
+            (``{"gemini": "gemini_pretrain"}``: ``task: pretrain`` with ``method: gemini`` is
+            validated and run as ``gemini_pretrain``, without the ``method`` key). Benchmarks are
+            not tasks: see :func:`register_benchmarks`.
 
     .. versionadded:: 0.1
     """

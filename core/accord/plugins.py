@@ -227,6 +227,8 @@ def _registrar(registry: ComponentRegistry[Any], kind: str, plugin: str) -> Call
     def register(name: str, obj: Any = None, *, description: str = "", **extra: Any) -> None:
         if kind == "task" and "config" not in extra:
             raise TypeError(f"plugin {plugin!r}: task {name!r} registered without config=<model>")
+        if kind == "task" and not isinstance(extra.get("methods", {}), dict):
+            raise TypeError(f"plugin {plugin!r}: task {name!r}: methods= must map method names to task names")
         if kind == "dataset" and not {"synth", "check"} <= extra.keys():
             raise TypeError(f"plugin {plugin!r}: dataset {name!r} needs synth= and check=")
         registry.add(Component(kind, plugin, name, obj, description, extra))

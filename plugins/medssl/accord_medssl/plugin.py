@@ -78,8 +78,9 @@ def register_tasks(register: Callable[..., None]) -> None:
     from accord_medssl import tasks
     from accord_medssl.gemini import tasks as gemini_tasks
 
-    register("pretrain", tasks.pretrain, config=tasks.PretrainConfig,
-             description="anatomy-embedding (SAM replacement) or Alice pretraining of a SwinUNETR")
+    register("pretrain", tasks.pretrain, config=tasks.PretrainConfig, methods={"gemini": "gemini_pretrain"},
+             description="anatomy-embedding (SAM replacement) or Alice pretraining of a SwinUNETR; method: gemini "
+                         "runs gemini_pretrain")
     register("finetune", tasks.finetune, config=tasks.FinetuneConfig,
              description="SwinUNETR segmentation from an Alice checkpoint or scratch (network: gemini_unet: GEMINI's "
                          "U-Net from a gemini_pretrain checkpoint or scratch), best validation Dice kept")

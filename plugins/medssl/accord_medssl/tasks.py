@@ -79,7 +79,8 @@ class PretrainConfig(VolumeRunConfig):
     """The ``pretrain`` task: one pretraining stage, ``method: anatomy_embedding`` or ``alice``."""
 
     method: Literal["anatomy_embedding", "alice"] = Field(
-        "alice", description="anatomy_embedding: the SAM replacement Alice mines with; alice: Alice itself"
+        "alice", description="anatomy_embedding: the SAM replacement Alice mines with; alice: Alice itself "
+        "(gemini: a config with task pretrain and method gemini runs the gemini_pretrain task)"
     )
     spacing: tuple[float, float, float] | None = Field(None, description="resample to this voxel size (mm); None: native, as Alice")
     crop_size: tuple[int, int, int] = Field(

@@ -32,6 +32,8 @@ def test_shipped_configs_validate_and_chain(only_medssl, tmp_path: Path, monkeyp
     assert configs["gemini_register"].checkpoint.parent.parent == configs["gemini_pretrain"].run_dir
     assert configs["finetune_gemini"].checkpoint.parent.parent == configs["gemini_pretrain"].run_dir
     assert configs["finetune_gemini"].network == "gemini_unet"
+    # task: pretrain with method: gemini is validated and run as gemini_pretrain.
+    assert {configs[name].task for name in ("gemini_pretrain", "gemini_pretrain_2d")} == {"gemini_pretrain"}
     anatomy, alice = configs["anatomy_embedding"], configs["alice_pretrain"]
     assert (anatomy.method, alice.method) == ("anatomy_embedding", "alice")
     assert alice.trainer.ema_momentum == 0.996 and alice.trainer.ema_momentum_end == 1.0
