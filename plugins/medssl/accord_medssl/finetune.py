@@ -93,7 +93,7 @@ BEST_WEIGHTS = "best.safetensors"
 #: The ``format`` of a fine-tuned ``gemini_unet`` weights file (:class:`GeminiSegmentationNetwork`).
 GEMINI_SEGMENTATION_FORMAT = "accord_medssl.finetune.GeminiSegmentationNetwork"
 #: The GEMINI runs whose checkpoints hold a backbone ``network.unet`` to fine-tune.
-GEMINI_TASKS = ("gemini_pretrain", "gemini_semisup")
+GEMINI_TASKS = ("gemini_pretrain", "semisup")
 Intensity = Literal["hu_window", "ct_clip", "minmax"]
 
 
@@ -460,7 +460,7 @@ def gemini_initial_network(
 ) -> tuple[GeminiSegmentationNetwork, GeminiUNetOptions, Intensity, dict[str, Any]]:
     """The ``gemini_unet`` network to fine-tune, its architecture, intensity mapping and initialisation.
 
-    With ``cfg.checkpoint`` (a ``gemini_pretrain`` or ``gemini_semisup`` run's) the backbone's
+    With ``cfg.checkpoint`` (a ``gemini_pretrain`` or ``semisup`` run's) the backbone's
     weights are the checkpoint's ``network.unet``, loaded strictly; the architecture and intensity
     mapping are that run's (``gemini.network``, ``gemini.normalisation``) unless ``cfg.gemini_unet``
     / ``cfg.intensity`` set them. The head is new (random), as in GVSL's downstream scripts.

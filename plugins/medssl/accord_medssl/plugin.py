@@ -88,9 +88,9 @@ def register_tasks(register: Callable[..., None]) -> None:
              description="per-class and mean Dice of fine-tuned weights, sliding-window inference")
     register("gemini_pretrain", gemini_tasks.gemini_pretrain, config=gemini_tasks.GeminiPretrainConfig,
              description="GEMINI-MIP: deformable correspondence + Models-Genesis restoration on whole volumes")
-    register("gemini_semisup", gemini_tasks.gemini_semisup, config=gemini_tasks.GeminiSemisupConfig,
+    register("semisup", gemini_tasks.gemini_semisup, config=gemini_tasks.GeminiSemisupConfig,
              description="GEMINI-Semi: few labelled + unlabelled volumes (correspondence + CE/Dice steps), test Dice")
-    register("gemini_register", gemini_tasks.gemini_register, config=gemini_tasks.GeminiRegisterConfig,
+    register("register", gemini_tasks.gemini_register, config=gemini_tasks.GeminiRegisterConfig,
              description="warp a moving volume (and label) onto a fixed one with a trained GEMINI; NIfTI outputs")
 
 
@@ -135,7 +135,7 @@ def register_models(register: Callable[..., None]) -> None:
     register("gemini", gemini_model,
              description="GEMINI-MIP: U-Net + deformer, correspondence and restoration steps (gemini_pretrain runs)")
     register("gemini_semisup", gemini_semisup_model,
-             description="GEMINI-Semi: U-Net + deformer, correspondence and CE + Dice steps (gemini_semisup runs)")
+             description="GEMINI-Semi: U-Net + deformer, correspondence and CE + Dice steps (semisup runs)")
 
 
 @hookimpl

@@ -78,7 +78,7 @@ def test_pretrain_2d_from_the_cli(tmp_path, only_medssl):
 
     items = cxr_items(root)
     outcome = run_task(GeminiRegisterConfig(
-        plugin="medssl", task="gemini_register", run_dir=tmp_path / "reg",
+        plugin="medssl", task="register", run_dir=tmp_path / "reg",
         checkpoint=tmp_path / "run" / "checkpoints" / "step_00000004.pt", fixed=items[0]["image"],
         moving=items[1]["image"], moving_label=items[1]["masks"]["heart"], fixed_label=items[0]["masks"]["heart"]))
     assert cv2.imread(outcome["warped"], cv2.IMREAD_UNCHANGED).shape == (32, 32)
@@ -94,7 +94,7 @@ def test_semisup_2d_with_sigmoid_masks(tmp_path):
 
     root = synth_cxr(tmp_path / "cxr", num_images=6, size=48, groups=("AP", "PA"))
     cfg = GeminiSemisupConfig(
-        plugin="medssl", task="gemini_semisup", run_dir=tmp_path / "semi", data=root, size=(32, 32), labelled_cases=1,
+        plugin="medssl", task="semisup", run_dir=tmp_path / "semi", data=root, size=(32, 32), labelled_cases=1,
         gemini={"network": {"spatial_dims": 2, "channels": [8, 8, 16, 16, 16], "deformer_channels": [8] * 5},
                 "corruption": None, "loss": {"window": 5, "mask_mode": "bilinear"}},
         trainer={**GEMINI_TRAINER_DEFAULTS, "max_steps": 4, "checkpoint_every": 4, "batch_size": 2})

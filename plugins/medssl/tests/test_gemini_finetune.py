@@ -114,7 +114,7 @@ def test_checkpoints_of_other_runs_and_mixed_sections_are_refused(only_medssl, m
                                                                   tmp_path: Path) -> None:
     tuned = run_task(_config(msd_root, tmp_path / "tuned", "checkpoint=null", "gemini_unet={channels: [8, 8, 8, 8, 8]}"))
     with pytest.raises(ValueError, match=r"written by a medssl.finetune run; network gemini_unet fine-tunes the backbone "
-                                         r"of a medssl gemini_pretrain or gemini_semisup checkpoint"):
+                                         r"of a medssl gemini_pretrain or semisup checkpoint"):
         gemini_initial_network(_config(msd_root, tmp_path, f"checkpoint={tuned['checkpoint']}"), num_classes=7)
     # A GEMINI checkpoint for the SwinUNETR is another method's.
     swin = load_config(CONFIGS / "finetune.yaml", [f"data={msd_root}", f"checkpoint={pretrained}"])

@@ -61,7 +61,7 @@ def test_pretrain_and_register_from_the_cli(tmp_path, only_medssl):
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004.pt"
     register = tmp_path / "register.yaml"
     register.write_text(
-        f"plugin: medssl\ntask: gemini_register\nrun_dir: {tmp_path / 'reg'}\ncheckpoint: {checkpoint}\n"
+        f"plugin: medssl\ntask: register\nrun_dir: {tmp_path / 'reg'}\ncheckpoint: {checkpoint}\n"
         f"fixed: {root / 'imagesTr' / 'pair_000.nii.gz'}\nmoving: {root / 'imagesTr' / 'pair_001.nii.gz'}\n"
         f"moving_label: {root / 'labelsTr' / 'pair_001.nii.gz'}\nfixed_label: {root / 'labelsTr' / 'pair_000.nii.gz'}\n"
     )
@@ -168,7 +168,7 @@ def test_semisup_trains_and_scores_the_test_cases(tmp_path, msd_root):
     from accord_medssl.gemini.tasks import GEMINI_TRAINER_DEFAULTS, GeminiSemisupConfig
 
     cfg = GeminiSemisupConfig(
-        plugin="medssl", task="gemini_semisup", run_dir=tmp_path / "semi", data=msd_root, size=(16, 16, 12),
+        plugin="medssl", task="semisup", run_dir=tmp_path / "semi", data=msd_root, size=(16, 16, 12),
         labelled_cases=1, gemini={"normalisation": "ct_clip", "network": TINY_NETWORK, "corruption": None,
                                   "loss": {"window": 5}},
         trainer={**GEMINI_TRAINER_DEFAULTS, "max_steps": 4, "checkpoint_every": 4})
@@ -179,7 +179,7 @@ def test_semisup_trains_and_scores_the_test_cases(tmp_path, msd_root):
     assert result["task"] > 0 and "ncc" in result
 
 
-@pytest.mark.parametrize("task", ["gemini_pretrain", "gemini_semisup"])
+@pytest.mark.parametrize("task", ["gemini_pretrain", "semisup"])
 def test_gemini_tasks_rerun_and_resume_bit_exact(task, tmp_path, msd_root):
     from accord.testing.reruns import assert_reruns_are_bit_exact
     from accord_medssl.gemini.tasks import GEMINI_TRAINER_DEFAULTS, GeminiPretrainConfig, GeminiSemisupConfig
@@ -187,7 +187,7 @@ def test_gemini_tasks_rerun_and_resume_bit_exact(task, tmp_path, msd_root):
     gemini = {"normalisation": "ct_clip", "network": TINY_NETWORK, "loss": {"window": 5},
               "corruption": {"shuffle_blocks": 20} if task == "gemini_pretrain" else None}
     trainer = {**GEMINI_TRAINER_DEFAULTS, "max_steps": 8, "checkpoint_every": 4}
-    extra = {"labelled_cases": 1} if task == "gemini_semisup" else {}
+    extra = {"labelled_cases": 1} if task == "semisup" else {}
     config_class = GeminiPretrainConfig if task == "gemini_pretrain" else GeminiSemisupConfig
     assert_reruns_are_bit_exact(
         lambda run_dir: config_class(plugin="medssl", task=task, run_dir=run_dir, data=msd_root, size=(16, 16, 12),

@@ -45,8 +45,8 @@ def test_shipped_configs_validate_and_chain(only_medssl, tmp_path: Path, monkeyp
 
 def test_every_task_config_forbids_unknown_keys(only_medssl, tmp_path: Path) -> None:
     tasks = PluginHost().tasks.by_plugin("medssl")
-    assert sorted(task.name for task in tasks) == ["evaluate", "finetune", "gemini_pretrain", "gemini_register",
-                                                   "gemini_semisup", "pretrain"]
+    assert sorted(task.name for task in tasks) == ["evaluate", "finetune", "gemini_pretrain", "pretrain", "register",
+                                                   "semisup"]
     for task in tasks:
         raw = {"plugin": "medssl", "task": task.name, "data": str(tmp_path), "checkpoint": str(tmp_path),
                "trainer_steps": 3}

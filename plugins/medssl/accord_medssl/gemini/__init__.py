@@ -6,7 +6,8 @@
 - :mod:`~accord_medssl.gemini.corruption`: Models-Genesis corruption transforms;
 - :mod:`~accord_medssl.gemini.data`: pairs of different images with one shared spatial transform;
 - :mod:`~accord_medssl.gemini.model`: the trainer-contract model (two optimiser steps per iteration);
-- :mod:`~accord_medssl.gemini.tasks`: the ``gemini_pretrain``, ``gemini_semisup`` and ``gemini_register`` tasks;
+- :mod:`~accord_medssl.gemini.tasks`: the ``gemini_pretrain`` (``pretrain`` with ``method: gemini``), ``semisup`` and
+  ``register`` tasks;
 - :mod:`~accord_medssl.gemini.benchmark`: ``gemini_registration`` and ``--speed gemini_speed``;
 - :mod:`~accord_medssl.gemini.segmentation_benchmark`: ``gemini_segmentation`` (random vs GEMINI-MIP vs
   GEMINI-Semi fine-tuned through ``finetune network: gemini_unet``).

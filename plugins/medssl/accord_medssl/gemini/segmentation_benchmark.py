@@ -7,7 +7,7 @@ pipeline benchmark with its defaults) includes it. Two comparisons, over seeds, 
 of one split, Dice per structure:
 
 1. few-shot semi-supervised segmentation (``semi-supervised, N labelled``): GEMINI-Semi
-   (``gemini_semisup``) against the same labelled cases trained supervised only: the same
+   (the ``semisup`` task) against the same labelled cases trained supervised only: the same
    network, data, augmentation and number of CE + Dice steps, without the correspondence step
    (``gemini.loss.{smooth,gss,ncc}_weight: 0``, ``optimizer_steps: combined``, so Adam takes
    exactly one step per CE + Dice step);
@@ -172,7 +172,7 @@ def gemini_segmentation(cfg: MedsslBenchmarkConfig) -> BenchmarkResult:
                 gemini = gemini_options(None, smooth_weight=0.0, gss_weight=0.0, ncc_weight=0.0,
                                         optimizer_steps="combined")
                 steps = semisup_iterations
-            scores = run_task(GeminiSemisupConfig(**shared, task="gemini_semisup", run_dir=run.run_dir, size=scale.size,
+            scores = run_task(GeminiSemisupConfig(**shared, task="semisup", run_dir=run.run_dir, size=scale.size,
                                                   labelled_cases=amount, gemini=gemini, trainer=gemini_trainer(steps)))
             return {"protocol": comparison, "init": arm, "dice": scores["dice"],
                     "dice_per_class": scores["dice_per_class"], "labelled_cases": amount}

@@ -1,4 +1,4 @@
-"""The GEMINI tasks: ``gemini_pretrain`` (GEMINI-MIP), ``gemini_semisup`` (GEMINI-Semi) and ``gemini_register``.
+"""The GEMINI tasks: ``gemini_pretrain`` (GEMINI-MIP), ``semisup`` (GEMINI-Semi) and ``register``.
 
 They are tasks of their own rather than ``pretrain`` with ``method: gemini``: GEMINI's optimisation
 (constant lr 1e-4, no warm-up, no weight decay, batch 1, two steps per iteration) shares no trainer
@@ -8,7 +8,7 @@ validator runs, so one task could not tell "not set" from "Alice's default".
 ``gemini_pretrain`` trains on the whole volumes of an MSD dataset or NIfTI folder, each read without
 the Alice HU window, normalised by ``gemini.normalisation`` and centre-cropped / zero-padded to
 ``size``, or (``spatial_dims: 2``) on a chest X-ray folder (:mod:`accord_medssl.data.cxr`);
-``gemini_semisup`` adds a few labelled cases; ``gemini_register`` warps a moving image (and its
+``semisup`` adds a few labelled cases; ``register`` warps a moving image (and its
 label) onto a fixed one with a trained GEMINI deformer and writes the warped image, warped label
 and flow (NIfTI, or PNG in 2D).
 """
@@ -144,9 +144,9 @@ def gemini_pretrain(cfg: GeminiPretrainConfig) -> dict[str, Any]:
 
 
 class GeminiRegisterConfig(RunConfig):
-    """The ``gemini_register`` task: warp each moving volume (and label) onto the fixed one."""
+    """The ``register`` task: warp each moving volume (and label) onto the fixed one."""
 
-    checkpoint: ExistingPath = Field(description="a gemini_pretrain (or gemini_semisup) checkpoint")
+    checkpoint: ExistingPath = Field(description="a gemini_pretrain (or semisup) checkpoint")
     fixed: ExistingPath = Field(description="fixed image (NIfTI; PNG / JPEG / DICOM for a 2D model)")
     moving: ExistingPath = Field(description="moving image (NIfTI; PNG / JPEG / DICOM for a 2D model)")
     moving_label: ExistingPath | None = Field(
@@ -252,7 +252,7 @@ def gemini_register(cfg: GeminiRegisterConfig) -> dict[str, Any]:
 
 
 class GeminiSemisupConfig(VolumeRunConfig):
-    """The ``gemini_semisup`` task: GEMINI-Semi, few labelled + many unlabelled images (:func:`gemini_semisup`):
+    """The ``semisup`` task: GEMINI-Semi, few labelled + many unlabelled images (:func:`gemini_semisup`):
     volumes of an MSD dataset (3D) or a chest X-ray folder with masks (2D)."""
 
     spacing: tuple[float, float, float] | None = Field(None, description="resample to this voxel size (mm); None: native")
