@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from accord_medssl.data.layout import DATASET_JSON
-from accord_medssl.data.phantom import DEFAULT_SPACING, LABELS, _save_nifti, render_phantom
+from accord_medssl.data.phantom import DEFAULT_SPACING, LABELS, _save_nifti, msd_header, render_phantom
 
 __all__ = [
     "MNI152_LABELS",
@@ -77,7 +77,8 @@ def write_deformed_cases(root: str | Path, image: np.ndarray, label: np.ndarray,
         num_cases: number of cases; case ``i``'s field depends only on ``(seed, i)``.
         max_fraction: largest displacement as a fraction of the smallest side (see :func:`random_smooth_flow`).
         background: intensity outside the view (air: -1024 HU), which the zero-padded warp fills in.
-        description: the ``dataset.json`` fields besides ``labels``, ``numTraining`` and the lists.
+        description: the ``dataset.json`` fields besides the counts and file lists
+            (:func:`~accord_medssl.data.phantom.msd_header`).
     """
     from accord_medssl.gemini.warp import warp
 
@@ -116,17 +117,11 @@ def synth_pairs(out_dir: str | Path, num_cases: int = 6, shape: tuple[int, int, 
     """
     hu, label, affine = render_phantom(tuple(shape), spacing, np.random.default_rng([seed, 10**6]))
     return write_deformed_cases(out_dir, hu, label, affine, num_cases=num_cases, seed=seed,
-                                max_fraction=max_displacement, background=-1024.0, description={
-        "name": "MedSSLRegistrationPairs",
-        "description": "Deformed copies of one abdomen CT phantom (accord-medssl); flows/ holds each case's "
-                       "displacement from the template in voxels (case(x) = template(x + flow(x))).",
-        "reference": "accord-medssl synth kind=pairs",
-        "licence": "CC0 1.0",
-        "release": "0.1.0",
-        "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
-        "labels": {str(key): name for key, name in LABELS.items()},
-    })
+                                max_fraction=max_displacement, background=-1024.0, description=msd_header(
+        "MedSSLRegistrationPairs",
+        "Deformed copies of one abdomen CT phantom (accord-medssl); flows/ holds each case's displacement from the "
+        "template in voxels (case(x) = template(x + flow(x))).",
+        reference="accord-medssl synth kind=pairs", modality="CT", labels=LABELS))
 
 
 def mni152_template(shape: tuple[int, int, int] = MNI152_SHAPE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -167,14 +162,9 @@ def synth_mni152(out_dir: str | Path, num_cases: int = 6, shape: tuple[int, int,
     (:func:`mni152_template` at ``shape``; layout in the module docstring)."""
     image, label, affine = mni152_template(tuple(shape))
     return write_deformed_cases(out_dir, image, label, affine, num_cases=num_cases, seed=seed,
-                                max_fraction=max_displacement, description={
-        "name": "MedSSLMNI152Pairs",
-        "description": "Deformed copies of nilearn's MNI152 T1 template (ICBM 2009, resampled) with its grey and white "
-                       "matter masks as labels; flows/ holds each case's displacement from the template in voxels.",
-        "reference": "accord-medssl synth kind=mni152 (template: nilearn.datasets.load_mni152_template)",
-        "licence": "see the MNI ICBM 2009 template licence shipped with nilearn",
-        "release": "0.1.0",
-        "tensorImageSize": "3D",
-        "modality": {"0": "MR"},
-        "labels": {str(key): name for key, name in MNI152_LABELS.items()},
-    })
+                                max_fraction=max_displacement, description=msd_header(
+        "MedSSLMNI152Pairs",
+        "Deformed copies of nilearn's MNI152 T1 template (ICBM 2009, resampled) with its grey and white matter masks "
+        "as labels; flows/ holds each case's displacement from the template in voxels.",
+        reference="accord-medssl synth kind=mni152 (template: nilearn.datasets.load_mni152_template)", modality="MR",
+        labels=MNI152_LABELS, licence="see the MNI ICBM 2009 template licence shipped with nilearn"))

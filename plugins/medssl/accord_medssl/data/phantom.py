@@ -33,7 +33,7 @@ from monai.transforms import GaussianSmooth
 
 from accord_medssl.data.layout import DATASET_JSON
 
-__all__ = ["LABELS", "AXCODES", "DEFAULT_SHAPE", "DEFAULT_SPACING", "phantom_affine", "render_phantom", "synth"]
+__all__ = ["LABELS", "AXCODES", "DEFAULT_SHAPE", "DEFAULT_SPACING", "msd_header", "phantom_affine", "render_phantom", "synth"]
 
 #: Label ids as written to dataset.json (MSD convention: string keys, "0" is background).
 LABELS: dict[int, str] = {
@@ -249,6 +249,14 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(image, path)
 
 
+
+def msd_header(name: str, description: str, *, reference: str, modality: str, labels: dict[int, str],
+               licence: str = "CC0 1.0") -> dict:
+    """The ``dataset.json`` fields of a generated 3D MSD dataset besides its counts and file lists."""
+    return {"name": name, "description": description, "reference": reference, "licence": licence,
+            "release": "0.1.0", "tensorImageSize": "3D", "modality": {"0": modality},
+            "labels": {str(key): label for key, label in labels.items()}}
+
 def synth(
     out_dir: str | Path,
     num_train: int = 6,
@@ -287,17 +295,10 @@ def synth(
             _save_nifti(hu, affine, root / "imagesTs" / name)
             test.append(f"./imagesTs/{name}")
     description = {
-        "name": "MedSSLPhantoms",
-        "description": (
-            "Synthetic non-contrast abdominal CT phantoms (accord-medssl). Voxel axes "
-            f"{''.join(AXCODES)}, spacing {spacing[0]} x {spacing[1]} x {spacing[2]} mm, int16 HU."
-        ),
-        "reference": "accord-medssl synth",
-        "licence": "CC0 1.0",
-        "release": "0.1.0",
-        "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
-        "labels": {str(key): name for key, name in LABELS.items()},
+        **msd_header("MedSSLPhantoms",
+                     "Synthetic non-contrast abdominal CT phantoms (accord-medssl). Voxel axes "
+                     f"{''.join(AXCODES)}, spacing {spacing[0]} x {spacing[1]} x {spacing[2]} mm, int16 HU.",
+                     reference="accord-medssl synth", modality="CT", labels=LABELS),
         "numTraining": num_train,
         "numTest": num_test,
         "training": training,
