@@ -204,6 +204,10 @@ def gemini_segmentation(cfg: MedsslBenchmarkConfig) -> BenchmarkResult:
         f"trained {finetune_steps} steps at lr {finetune_trainer.lr:g} ({scale.finetune['loss']}), against the "
         "same from random init; best validation Dice kept, scored on the test cases by evaluate.",
     ]
+    if cfg.quick and semisup_iterations == QUICK.semisup_iterations:
+        notes.append(f"Quick: a smoke run of every stage; {semisup_iterations} iterations segment nothing yet (both semi-supervised arms "
+                     "are at noise level) and compare nothing (docs/medssl.md has longer CPU runs, where GEMINI does "
+                     "not help at this scale either, and the reference-size settings).")
     return run_pipeline(cfg, PipelineSpec(
         title="medssl: GEMINI, semi-supervised and pretrained segmentation vs supervised / random init",
         dataset="medssl.msd", synth_options={"seed": cfg.seed, **scale.phantoms},
