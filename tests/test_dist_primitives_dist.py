@@ -29,6 +29,28 @@ def test_gather_with_grad_sums_gradients_from_all_ranks() -> None:
         assert grads[r] == [expected.tolist()]
 
 
+def _gather_rows_body(rank: int, world_size: int) -> tuple[list[list[float]], list[int], list[list[float]]]:
+    # Rank 0 holds one row, rank 1 three: the padding must not reach the result or the gradients.
+    x = (torch.arange(2 * (1 + 2 * rank), dtype=torch.float32).view(-1, 2) + 10 * rank).requires_grad_()
+    rows, counts = adist.gather_rows(x, with_grad=True)
+    weights = torch.arange(rows.numel(), dtype=torch.float32).view_as(rows)
+    (rows * weights).sum().backward()
+    detached, _ = adist.gather_rows(x, counts=counts)
+    assert not detached.requires_grad and torch.equal(detached, rows.detach())
+    return rows.tolist(), counts, x.grad.tolist()
+
+
+def test_gather_rows_concatenates_uneven_ranks_with_gradients() -> None:
+    out = run_distributed(_gather_rows_body, world_size=2)
+    expected = [[0.0, 1.0], [10.0, 11.0], [12.0, 13.0], [14.0, 15.0]]
+    weights = torch.arange(8, dtype=torch.float32).view(4, 2)
+    for rank, (rows, counts, grad) in enumerate(out):
+        assert rows == expected and counts == [1, 3]
+        # Both ranks' losses use every row, so each row's gradient is its weight, summed over 2 ranks.
+        own = weights[:1] if rank == 0 else weights[1:]
+        assert grad == (2 * own).tolist()
+
+
 def _all_reduce_body(rank: int, world_size: int) -> tuple[float, float]:
     x = torch.tensor(float(rank + 1), requires_grad=True)
     mean = adist.all_reduce_with_grad(x * x, op="mean")
@@ -46,6 +68,8 @@ def test_all_reduce_with_grad_matches_single_process_gradient() -> None:
 def test_single_process_is_identity() -> None:
     x = torch.randn(3, 2)
     assert adist.gather_with_grad(x) is x
+    rows, counts = adist.gather_rows(x)
+    assert torch.equal(rows, x) and counts == [3]
     assert torch.equal(adist.eye_rank(3), torch.eye(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="op must be"):
         adist.all_reduce_with_grad(x, op="max")

@@ -23,6 +23,7 @@ __all__ = [
     "world_size",
     "gather_with_grad",
     "gather_no_grad",
+    "gather_rows",
     "all_reduce_with_grad",
     "eye_rank",
     "rank_offset",
@@ -100,6 +101,35 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(out, tensor.contiguous())
     return torch.cat(out, dim=0)
+
+
+def gather_rows(
+    tensor: torch.Tensor, with_grad: bool = False, counts: list[int] | None = None
+) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate ``tensor`` from all ranks along dim 0 when ranks hold different numbers of rows.
+
+    The rows are padded to the largest count, gathered (:func:`gather_with_grad` or
+    :func:`gather_no_grad`) and the padding is cut off again: matched pairs of a detector, per-sample
+    results of an evaluation.
+
+    Args:
+        tensor: ``(n_r, *)`` this rank's rows; the trailing shape and dtype must agree across ranks.
+        with_grad: keep gradients to every rank's rows (as :func:`gather_with_grad`); else detached.
+        counts: every rank's ``n_r`` if already known (skips one collective).
+
+    Returns:
+        ``(sum(counts), *)`` rows in rank order, and ``counts``. Without a process group:
+        ``tensor`` (detached unless ``with_grad``) and ``[n]``.
+    """
+    if not is_distributed():
+        return (tensor if with_grad else tensor.detach()), [tensor.shape[0]]
+    if counts is None:
+        local = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+        counts = [int(n) for n in gather_no_grad(local).tolist()]
+    most = max(counts)
+    padded = torch.cat([tensor, tensor.new_zeros(most - tensor.shape[0], *tensor.shape[1:])])
+    gathered = gather_with_grad(padded) if with_grad else gather_no_grad(padded)
+    return torch.cat([gathered[r * most: r * most + n] for r, n in enumerate(counts)]), counts
 
 
 class _AllReduceSumWithGrad(torch.autograd.Function):

@@ -4,7 +4,7 @@ The reference computes the IoU of the predicted box (clamped to the canvas) with
 normalised canvas coordinates, and under ``torch.distributed`` sums the per-sample tensors
 element-wise across ranks (``dist.all_reduce``), which is wrong with more than one process (spec
 §9.2). Here every rank's per-sample results (dataset index, IoU, category, predicted box) are
-gathered (:func:`accord.dist.gather_no_grad`, padded to the largest rank), duplicates that a
+gathered (:func:`accord.dist.gather_rows`: ranks may hold different counts), duplicates that a
 ``DistributedSampler`` adds to even out the ranks are dropped by dataset index, and the metrics are
 computed once over the whole set: the distributed result equals the single-process one.
 
@@ -108,8 +108,7 @@ def grounding_scores(ious: torch.Tensor, categories: Sequence[str], *,
 def gather_samples(index: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """All ranks' per-sample rows, one per dataset index, sorted by index (identity in one process).
 
-    Ranks may hold different numbers of rows: rows are padded to the largest rank with index -1
-    before :func:`accord.dist.gather_no_grad` and the padding is dropped. A sample seen by several
+    Ranks may hold different numbers of rows (:func:`accord.dist.gather_rows`). A sample seen by several
     ranks (a ``DistributedSampler`` repeats samples to even out the ranks) keeps its first row.
 
     Args:
@@ -122,12 +121,7 @@ def gather_samples(index: torch.Tensor, values: torch.Tensor) -> tuple[torch.Ten
     index = index.to(torch.long).flatten()
     values = values.to(torch.float64)
     rows = torch.cat((index[:, None].to(torch.float64), values), dim=1)
-    if adist.is_distributed():
-        counts = adist.gather_no_grad(torch.tensor([len(rows)], dtype=torch.long, device=rows.device))
-        padded = rows.new_full((int(counts.max()), rows.shape[1]), -1.0)
-        padded[: len(rows)] = rows
-        rows = adist.gather_no_grad(padded)
-        rows = rows[rows[:, 0] >= 0]
+    rows, _ = adist.gather_rows(rows)
     order = torch.argsort(rows[:, 0], stable=True)
     rows = rows[order]
     first = torch.ones(len(rows), dtype=torch.bool, device=rows.device)

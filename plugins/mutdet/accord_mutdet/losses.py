@@ -246,14 +246,14 @@ def alignment_loss(pred_features: Sequence[torch.Tensor], object_embeddings: Seq
     q = torch.cat([f[i] for f, i in zip(pred_features, query_index)])
     k = torch.cat([e[i] for e, i in zip(object_embeddings, target_index)])
     pairs = q.shape[0]
-    sizes = _pair_counts(pairs, q.device)
+    sizes = [int(n) for n in adist.gather_no_grad(torch.tensor([pairs], device=q.device)).tolist()]
     total = sum(sizes)
     if total == 0:
         zero = sum(f.sum() * 0 for f in pred_features) + sum(e.sum() * 0 for e in object_embeddings)
         nan = torch.tensor(float("nan"))
         return Alignment(zero, nan, nan, 0)
     # Every rank's pairs (with gradients) are the columns: negatives span the global batch.
-    all_q, all_k = _gather_rows(q, sizes), _gather_rows(k, sizes)
+    (all_q, _), (all_k, _) = (adist.gather_rows(rows, with_grad=True, counts=sizes) for rows in (q, k))
     if pairs == 0:  # nothing to contrast here, but the gathers' backward must run on every rank
         nan = torch.tensor(float("nan"))
         return Alignment((all_q.sum() + all_k.sum()) * 0, nan, nan, 0)
@@ -268,23 +268,3 @@ def alignment_loss(pred_features: Sequence[torch.Tensor], object_embeddings: Seq
         neg_sim = (cos - torch.diag_embed(cos.diagonal())).mean()
     return Alignment(loss, pos_sim, neg_sim, pairs)
 
-
-def _pair_counts(pairs: int, device: torch.device) -> list[int]:
-    """Matched pairs of every rank (``[pairs]`` without a process group)."""
-    if not adist.is_distributed():
-        return [pairs]
-    return [int(n) for n in adist.gather_no_grad(torch.tensor([pairs], device=device)).tolist()]
-
-
-def _gather_rows(rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Concatenate every rank's ``rows`` (``sizes[r]`` each) in rank order, keeping gradients.
-
-    ``accord.dist.gather_with_grad`` needs one shape on every rank, and matched pairs differ per
-    rank, so the rows are padded to the largest count and the padding is cut off again.
-    """
-    if len(sizes) == 1:
-        return rows
-    most = max(sizes)
-    padded = torch.cat([rows, rows.new_zeros(most - rows.shape[0], *rows.shape[1:])])
-    gathered = adist.gather_with_grad(padded)
-    return torch.cat([gathered[r * most: r * most + n] for r, n in enumerate(sizes)])
