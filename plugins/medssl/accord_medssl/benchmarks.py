@@ -115,6 +115,8 @@ class MedsslBenchmarkConfig(BenchmarkConfig):
             stray = [name for name in ALICE_ONLY if name in self.model_fields_set]
             if stray:
                 raise ValueError(f"{', '.join(stray)}: settings of method alice; method gemini's are under gemini.")
+            if self.data is not None and self.gemini.datasets is not None:
+                raise ValueError("gemini.datasets: the generated sets; with --data the benchmark runs on that dataset")
         elif "gemini" in self.model_fields_set:
             raise ValueError("gemini: settings of method gemini, but method is alice")
         return self
