@@ -261,3 +261,18 @@ def test_warmup_start_factor_rises_like_torch_linearlr(schedule: str) -> None:
         reference.step()
     assert learning_rate_at(4, config) == pytest.approx(0.3)
     assert learning_rate_at(0, config.model_copy(update={"warmup_start_factor": 0.0})) == 0.0
+
+
+def test_trainer_for_epochs_counts_optimizer_steps_of_whole_batches() -> None:
+    """10 samples, batch 2, 2 micro-batches per step: 5 micro-batches -> 2 steps per epoch."""
+    from accord.training import trainer_for_epochs
+
+    trainer = TrainerConfig(batch_size=2, grad_accum_steps=2, schedule="step")
+    resolved, per_epoch = trainer_for_epochs(trainer, epochs=3, samples=10, lr_drop_epochs=[2])
+    assert (per_epoch, resolved.max_steps, resolved.lr_drop_steps) == (2, 6, [4])
+    assert trainer_for_epochs(trainer.model_copy(update={"grad_accum_steps": 1}), 3, 11)[0].max_steps == 15
+    with pytest.raises(ValueError, match=r"train.jsonl: 3 training samples do not fill one batch of "
+                                         r"trainer.batch_size=2 x grad_accum_steps=2"):
+        trainer_for_epochs(trainer, 3, 3, source="train.jsonl")
+    with pytest.raises(ValueError, match="not both"):
+        trainer_for_epochs(trainer.model_copy(update={"lr_drop_steps": [3]}), 3, 10, lr_drop_epochs=[2])

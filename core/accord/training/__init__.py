@@ -14,7 +14,13 @@ from accord.training.checkpoint import (
     weights_metadata,
 )
 from accord.training.distributed import DistributedContext, micro_batch_size, setup_distributed, teardown_distributed
-from accord.training.optim import ema_momentum_at, learning_rate_at, weight_decay_at
+from accord.training.optim import (
+    ema_momentum_at,
+    learning_rate_at,
+    steps_per_epoch,
+    trainer_for_epochs,
+    weight_decay_at,
+)
 from accord.training.probe import DenseProbeData, OnlineProbe, OnlineProbeOptions
 from accord.training.sampler import BatchStream, ResumableBatchSampler
 from accord.training.trainer import NonFiniteLossError, Trainer
@@ -34,6 +40,8 @@ __all__ = [
     "teardown_distributed",
     "micro_batch_size",
     "learning_rate_at",
+    "steps_per_epoch",
+    "trainer_for_epochs",
     "ema_momentum_at",
     "weight_decay_at",
     "load_checkpoint",

@@ -9,7 +9,7 @@ once per step (:func:`apply_update_rules`, :func:`ema_momentum_at`). See docs/tr
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +21,8 @@ from accord.utils.schedules import cosine_schedule, linear_schedule, linear_warm
 __all__ = [
     "EXEMPT_FROM_DECAY",
     "learning_rate_at",
+    "steps_per_epoch",
+    "trainer_for_epochs",
     "ema_momentum_at",
     "weight_decay_at",
     "parameter_groups",
@@ -48,6 +50,47 @@ def learning_rate_at(step: int, config: TrainerConfig) -> float:
     if config.schedule == "step":
         return config.lr * config.lr_drop_factor ** sum(step >= drop for drop in config.lr_drop_steps)
     return config.lr
+
+
+def steps_per_epoch(trainer: TrainerConfig, samples: int) -> int:
+    """Optimizer steps in one pass over ``samples``: ``(samples // batch_size) // grad_accum_steps`` (the
+    core sampler drops the global micro-batch the samples do not fill; mmdet's pads it instead, at
+    most one step per epoch more)."""
+    return samples // trainer.batch_size // trainer.grad_accum_steps
+
+
+def trainer_for_epochs(
+    trainer: TrainerConfig, epochs: int, samples: int, lr_drop_epochs: Sequence[int] = (), source: str = "data"
+) -> tuple[TrainerConfig, int]:
+    """``trainer`` with an epoch-based schedule (the reference codes' ``--epochs`` / ``--lr_drop``) in steps.
+
+    One epoch is :func:`steps_per_epoch` optimizer steps.
+
+    Args:
+        trainer: the run's trainer options; ``max_steps`` is replaced.
+        epochs: passes over the training samples.
+        samples: training samples of one epoch.
+        lr_drop_epochs: epochs after which the lr drops (``schedule: step``); become ``lr_drop_steps``.
+        source: what the samples come from, for the error messages (a file or folder).
+
+    Returns:
+        The resolved trainer options and the optimizer steps per epoch.
+
+    Raises:
+        ValueError: the samples do not fill one optimizer step, or ``lr_drop_epochs`` is given beside
+            ``trainer.lr_drop_steps``.
+    """
+    per_epoch = steps_per_epoch(trainer, samples)
+    if per_epoch < 1:
+        raise ValueError(f"{source}: {samples} training samples do not fill one batch of trainer.batch_size="
+                         f"{trainer.batch_size} x grad_accum_steps={trainer.grad_accum_steps}")
+    updates: dict[str, Any] = {"max_steps": epochs * per_epoch}
+    if lr_drop_epochs:
+        if trainer.lr_drop_steps:
+            raise ValueError(f"give lr drop epochs ({list(lr_drop_epochs)}) or trainer.lr_drop_steps "
+                             f"({trainer.lr_drop_steps}), not both")
+        updates["lr_drop_steps"] = [epoch * per_epoch for epoch in lr_drop_epochs]
+    return TrainerConfig.model_validate({**trainer.model_dump(), **updates}), per_epoch
 
 
 def _cosine_over_steps(step: int, config: TrainerConfig, first: float, last: float) -> float:

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from accord.config import ExistingPath, RunConfig, StrictModel, TrainerConfig
-from accord.training import BestCheckpoint, Callback, Trainer, TrainingState
+from accord.training import BestCheckpoint, Callback, Trainer, TrainingState, trainer_for_epochs
 from accord_medrpg.models import TacoOptions, TransVG, TransVGOptions
 
 if TYPE_CHECKING:
@@ -173,21 +173,18 @@ def _dataset(cfg: TrainConfig, split: str, train: bool) -> torch.utils.data.Data
 
 
 def _resolved_trainer(cfg: TrainConfig, train_size: int) -> tuple[TrainerConfig, int]:
-    steps_per_epoch = train_size // cfg.trainer.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"{cfg.data}/train.jsonl: {train_size} samples do not fill one batch of "
-                         f"trainer.batch_size={cfg.trainer.batch_size}")
-    if "max_steps" in cfg.trainer.model_fields_set and cfg.trainer.max_steps != cfg.epochs * steps_per_epoch:
+    if cfg.trainer.schedule == "step" and cfg.trainer.lr_drop_steps:
+        raise ValueError("trainer.lr_drop_steps is derived from lr_drop_epoch; set lr_drop_epoch instead")
+    drops = [cfg.lr_drop_epoch] if cfg.trainer.schedule == "step" and cfg.lr_drop_epoch < cfg.epochs else []
+    trainer, steps_per_epoch = trainer_for_epochs(cfg.trainer, cfg.epochs, train_size, drops,
+                                                  source=f"{cfg.data}/train.jsonl")
+    if "max_steps" in cfg.trainer.model_fields_set and cfg.trainer.max_steps != trainer.max_steps:
         raise ValueError(f"trainer.max_steps={cfg.trainer.max_steps} contradicts epochs={cfg.epochs} x "
                          f"{steps_per_epoch} steps per epoch; set epochs only (max_steps is derived from it)")
-    updates: dict[str, Any] = {"max_steps": cfg.epochs * steps_per_epoch, "validate_every": steps_per_epoch}
-    if cfg.trainer.schedule == "step":
-        if cfg.trainer.lr_drop_steps:
-            raise ValueError("trainer.lr_drop_steps is derived from lr_drop_epoch; set lr_drop_epoch instead")
-        updates["lr_drop_steps"] = [cfg.lr_drop_epoch * steps_per_epoch] if cfg.lr_drop_epoch < cfg.epochs else []
+    updates: dict[str, Any] = {"validate_every": steps_per_epoch}
     if "checkpoint_every" not in cfg.trainer.model_fields_set:
         updates["checkpoint_every"] = steps_per_epoch
-    return TrainerConfig(**{**cfg.trainer.model_dump(), **updates}), steps_per_epoch
+    return TrainerConfig.model_validate({**trainer.model_dump(), **updates}), steps_per_epoch
 
 
 def write_best_checkpoint(run_dir: Path, best_weights: Path, last_checkpoint: Path) -> Path:

@@ -29,7 +29,8 @@ from pydantic import Field, model_validator
 
 from accord.config import ExistingPath, RunConfig, TrainerConfig
 from accord.runs import load_run
-from accord.training import DenseProbeData, OnlineProbe, OnlineProbeOptions, Trainer
+from accord.training import (DenseProbeData, OnlineProbe, OnlineProbeOptions, Trainer, steps_per_epoch,
+                             trainer_for_epochs)
 from accord.utils.files import write_text_atomically
 
 from accord_mutdet.models import DetectorOptions, MutDetOptions, RotatedDETR
@@ -82,33 +83,22 @@ class TrainingOptions(DataOptions):
 def resolved_trainer(cfg: TrainingOptions, train_images: int) -> TrainerConfig:
     """``cfg.trainer`` with ``max_steps`` and ``lr_drop_steps`` from ``cfg.epochs`` over ``train_images``.
 
-    One epoch is ``floor(train_images / batch_size)`` optimizer steps (the core sampler drops the
-    incomplete tail; mmdet's sampler pads it instead, at most one step per epoch more). With
-    ``epochs`` set, ``trainer.max_steps`` is replaced (the tasks report the resolved schedule in their
-    result and in ``run_dir/schedule.json``); a ``trainer.lr_drop_steps`` given beside
-    ``lr_drop_epochs`` is refused.
+    Epochs become optimizer steps by :func:`accord.training.trainer_for_epochs`. With ``epochs`` set,
+    ``trainer.max_steps`` is replaced (the tasks report the resolved schedule in their result and in
+    ``run_dir/schedule.json``); a ``trainer.lr_drop_steps`` given beside ``lr_drop_epochs`` is refused.
 
     Raises:
         ValueError: the images do not fill one batch, or both drop forms are given.
     """
-    trainer = cfg.trainer
     if cfg.epochs is None:
-        return trainer
-    per_epoch = train_images // trainer.batch_size
-    if per_epoch < 1:
-        raise ValueError(f"{cfg.data}: {train_images} training images do not fill one batch of "
-                         f"trainer.batch_size={trainer.batch_size}")
-    if cfg.lr_drop_epochs and trainer.lr_drop_steps:
-        raise ValueError(f"give lr_drop_epochs ({cfg.lr_drop_epochs}) or trainer.lr_drop_steps "
-                         f"({trainer.lr_drop_steps}), not both")
-    drops = [epoch * per_epoch for epoch in cfg.lr_drop_epochs] or trainer.lr_drop_steps
-    return TrainerConfig.model_validate({**trainer.model_dump(), "max_steps": cfg.epochs * per_epoch,
-                                         "lr_drop_steps": drops})
+        return cfg.trainer
+    return trainer_for_epochs(cfg.trainer, cfg.epochs, train_images, cfg.lr_drop_epochs, source=str(cfg.data))[0]
 
 
 def _schedule_record(cfg: TrainingOptions, trainer: TrainerConfig, train_images: int) -> dict[str, Any]:
     """The resolved schedule, written to ``run_dir/schedule.json`` and returned with the task result."""
-    record = {"train_images": train_images, "epochs": cfg.epochs, "steps_per_epoch": train_images // trainer.batch_size,
+    record = {"train_images": train_images, "epochs": cfg.epochs,
+              "steps_per_epoch": steps_per_epoch(trainer, train_images),
               "max_steps": trainer.max_steps, "schedule": trainer.schedule, "lr_drop_steps": trainer.lr_drop_steps,
               "warmup_steps": trainer.warmup_steps, "warmup_start_factor": trainer.warmup_start_factor}
     _write_json(Path(cfg.run_dir) / "schedule.json", record)
